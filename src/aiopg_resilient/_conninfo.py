@@ -1,0 +1,91 @@
+"""Connection strings: validation, resilience defaults and redaction. Pure, no I/O."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+__all__ = ["CONNECTION_DEFAULTS", "apply_defaults", "describe", "redact", "validate"]
+
+# Applied unless the DSN, the connect kwargs or the matching PG* environment variable set
+# them. Together with the heartbeat they bound how long a dead peer can go unnoticed:
+# - keepalives: an idle connection whose peer vanished (no FIN: power loss, a NAT or load
+#   balancer that dropped its state) is declared dead after 10 s idle + 3 probes 5 s
+#   apart = 25 s, instead of the kernel default of over two hours;
+# - tcp_user_timeout: data sent but not acknowledged for 20 s fails the connection,
+#   instead of the ~15 minutes of kernel retransmissions a query would otherwise hang;
+# - connect_timeout: a connect (per host) that gets no answer gives up after 5 s so the
+#   retry loop can try again or report, instead of libpq's default of waiting forever.
+CONNECTION_DEFAULTS: Mapping[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+    "connect_timeout": "5",
+}
+_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT", "application_name": "PGAPPNAME"}
+_SECRET_KEYS = ("password", "sslpassword")
+REDACTED = "***"
+
+
+def validate(conninfo: str) -> dict[str, str]:
+    """Parse *conninfo* or raise `psycopg.ProgrammingError` saying what to fix."""
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+    except psycopg.ProgrammingError as exc:
+        raise psycopg.ProgrammingError(
+            f"invalid connection string ({exc}); use libpq 'key=value' pairs, e.g. "
+            "'host=db.example dbname=app user=app', or a URL such as "
+            "'postgresql://app@db.example/app'"
+        ) from None
+
+
+def apply_defaults(
+    conninfo: str, connect_kwargs: Mapping[str, Any] | None, *, application_name: str
+) -> str:
+    """Return *conninfo* with `CONNECTION_DEFAULTS` and an application_name filled in.
+
+    Only keys set nowhere else are added: the DSN, *connect_kwargs* and the matching
+    ``PG*`` environment variables always win.
+    """
+    given = validate(conninfo)
+    kwargs = connect_kwargs or {}
+    extra: dict[str, str] = {}
+    defaults = {**CONNECTION_DEFAULTS, "application_name": application_name}
+    for key, value in defaults.items():
+        env = _ENVIRONMENT.get(key)
+        if key in given or key in kwargs or (env is not None and os.environ.get(env)):
+            continue
+        extra[key] = value
+    return make_conninfo(conninfo, **extra)
+
+
+def redact(conninfo: str) -> str:
+    """*conninfo* as a ``key=value`` string with every secret replaced by ``***``."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<invalid connection string>"
+    for key in _SECRET_KEYS:
+        if key in params:
+            params[key] = REDACTED
+    return make_conninfo("", **params)
+
+
+def describe(conninfo: str) -> str:
+    """A short, secret-free label for logs: ``user@host:port/dbname``."""
+    try:
+        p = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<invalid connection string>"
+    host = p.get("host") or p.get("hostaddr") or os.environ.get("PGHOST") or "localhost"
+    port = p.get("port") or os.environ.get("PGPORT") or "5432"
+    user = p.get("user") or os.environ.get("PGUSER") or ""
+    dbname = p.get("dbname") or os.environ.get("PGDATABASE") or ""
+    prefix = f"{user}@" if user else ""
+    return f"{prefix}{host}:{port}/{dbname}"

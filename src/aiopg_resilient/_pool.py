@@ -1,0 +1,782 @@
+"""ResilientPool: acquire/release, single-flight reconnects, heartbeats, replayed reads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection, sql
+from psycopg.abc import Params
+from psycopg.pq import TransactionStatus
+
+from . import _conninfo
+from ._errors import (
+    ConnectionLost,
+    DatabaseUnavailable,
+    Failure,
+    PoolClosed,
+    PoolTimeout,
+    classify,
+)
+from ._liveness import looks_alive
+from ._retry import Backoff, RetryPolicy, testing_scale
+from ._stats import PoolStats
+
+__all__ = ["ResilientPool"]
+
+logger = logging.getLogger("aiopg_resilient.pool")
+
+T = TypeVar("T")
+Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
+InDoubt = Literal["resolve", "raise"]
+Query = str | bytes | sql.SQL | sql.Composed
+
+# A refused connect (nothing listens) costs the server nothing: no backend, no TLS
+# handshake. Probing it at most this far apart lets a restarted server be used again
+# within this time; every other failure backs off up to the policy's max_delay.
+REFUSED_PROBE_CAP = 0.2
+
+
+def _is_refused(exc: BaseException) -> bool:
+    return "connection refused" in str(exc).lower()
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A pooled connection and its bookkeeping."""
+
+    conn: AsyncConnection[Any]
+    created: float
+    expires: float | None
+    last_used: float
+    next_check: float = 0.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    slot: _Slot | None = None
+    error: BaseException | None = None
+
+
+class ResilientPool:
+    """A pool of psycopg `AsyncConnection` that hides transient failures from reads.
+
+    Open it with ``async with ResilientPool(dsn) as pool`` or ``await pool.open()`` /
+    ``await pool.close()``. Reads (`fetch`, `fetchone`, `fetchval`) are replayed on a
+    fresh connection after a connection failure until ``retry.timeout`` is spent, then
+    raise `DatabaseUnavailable`. Writes through `execute` are never replayed unless the
+    caller vouches they are idempotent or the layer proved they were not applied. A
+    background heartbeat pings idle connections; a connection found dead makes the pool
+    check the others at once. While the server is down, reconnects are single-flight
+    with jittered backoff, and every waiter shares their outcome.
+
+    All parameters are keyword-only except *conninfo*; sizes and timeouts are validated
+    here, but nothing connects before `open`.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        retry: RetryPolicy | None = None,
+        heartbeat_interval: float | None = 15.0,
+        heartbeat_timeout: float = 5.0,
+        acquire_timeout: float = 30.0,
+        max_lifetime: float | None = 3600.0,
+        max_idle: float | None = 600.0,
+        in_doubt: InDoubt = "resolve",
+        configure: Configure | None = None,
+        connect_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(min_size, int) or min_size < 0:
+            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+        if not isinstance(max_size, int) or max_size < 1 or max_size < min_size:
+            raise ValueError(f"max_size must be an int >= max(1, min_size), got {max_size!r}")
+        for label, value in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("max_lifetime", max_lifetime),
+            ("max_idle", max_idle),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{label} must be > 0 or None, got {value!r}")
+        for label, value in (
+            ("heartbeat_timeout", heartbeat_timeout),
+            ("acquire_timeout", acquire_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{label} must be > 0, got {value!r}")
+        if in_doubt not in ("resolve", "raise"):
+            raise ValueError(f"in_doubt must be 'resolve' or 'raise', got {in_doubt!r}")
+        kwargs = dict(connect_kwargs or {})
+        self._block_autocommit = bool(kwargs.pop("autocommit", False))
+        self.name = name or "aiopg_resilient"
+        self._conninfo = _conninfo.apply_defaults(conninfo, kwargs, application_name=self.name)
+        self._target = _conninfo.describe(self._conninfo)
+        self._connect_kwargs = kwargs
+        self.min_size = min_size
+        self.max_size = max_size
+        self.retry = retry or RetryPolicy()
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.acquire_timeout = acquire_timeout
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.in_doubt: InDoubt = in_doubt
+        self.configure = configure
+
+        self._opened = False
+        self._closed = False
+        self._slots: set[_Slot] = set()
+        self._idle: deque[_Slot] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._connecting = 0
+        self._down = False
+        self._fatal: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connector: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
+        self._user_heartbeat = False
+        self._rng = random.Random()
+        self._counters = dict.fromkeys(
+            (
+                "connects",
+                "connect_failures",
+                "connections_lost",
+                "retries",
+                "heartbeats",
+                "heartbeat_failures",
+                "acquire_timeouts",
+                "commits_resolved",
+                "commits_unknown",
+            ),
+            0,
+        )
+        self._last_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._opened else "new"
+        return (
+            f"<{type(self).__name__} {self.name!r} {self._target} {state} "
+            f"size={len(self._slots)} idle={len(self._idle)}>"
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the first connection and start the background work.
+
+        A configuration error (wrong password, unknown database, SSL mismatch) raises
+        here at once. An unreachable server does not: the pool keeps probing it in the
+        background and callers wait for it within their retry budget.
+        """
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed; create a new one")
+        if self._opened:
+            return
+        self._opened = True
+        logger.info("pool %r opening to %s", self.name, self._target)
+        if self.min_size > 0:
+            self._connecting += 1
+            try:
+                conn = await self._connect()
+            except Exception as exc:
+                self._connecting -= 1
+                self._note_connect_failure(exc)
+                if classify(exc) is Failure.FATAL:
+                    self._closed = True
+                    raise
+                logger.warning(
+                    "pool %r could not connect to %s yet (%s); retrying in the background",
+                    self.name,
+                    self._target,
+                    exc,
+                )
+            except BaseException:
+                self._connecting -= 1
+                self._closed = True
+                raise
+            else:
+                self._connecting -= 1
+                self._put(self._new_slot(conn))
+        self._wake_connector()
+        if not self._user_heartbeat:
+            self._maintainer = self._spawn(_maintain(weakref.ref(self)))
+
+    async def close(self) -> None:
+        """Close every connection and stop the background work; idempotent.
+
+        Waiters get `PoolClosed`; connections in use are closed when they are returned.
+        """
+        if self._closed and not self._tasks:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with suppress(BaseException):
+                await task
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = PoolClosed(f"pool {self.name!r} was closed")
+            waiter.event.set()
+        while self._idle:
+            await self._close_slot(self._idle.pop())
+        logger.info("pool %r closed", self.name)
+
+    async def __aenter__(self) -> ResilientPool:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- stats -----------------------------------------------------------------------
+
+    @property
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the pool's counts and counters."""
+        err = self._last_error
+        return PoolStats(
+            name=self.name,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            size=len(self._slots),
+            idle=len(self._idle),
+            in_use=len(self._slots) - len(self._idle),
+            connecting=self._connecting,
+            waiting=len(self._waiters),
+            down=self._down,
+            last_error=None if err is None else f"{type(err).__name__}: {err}",
+            **self._counters,
+        )
+
+    # -- connecting ------------------------------------------------------------------
+
+    async def _connect(self) -> AsyncConnection[Any]:
+        conn = await AsyncConnection.connect(
+            self._conninfo, autocommit=True, **self._connect_kwargs
+        )
+        try:
+            if self.configure is not None:
+                await self.configure(conn)
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    await conn.rollback()
+                    raise psycopg.ProgrammingError(
+                        "configure() left the connection inside a transaction; "
+                        "commit it or run it in autocommit mode"
+                    )
+        except BaseException:
+            await conn.close()
+            raise
+        self._counters["connects"] += 1
+        return conn
+
+    def _new_slot(self, conn: AsyncConnection[Any]) -> _Slot:
+        now = time.monotonic()
+        expires = None
+        if self.max_lifetime is not None:
+            # Up to 10% earlier, so connections made together do not expire together.
+            expires = now + self.max_lifetime * self._rng.uniform(0.9, 1.0)
+        slot = _Slot(conn=conn, created=now, expires=expires, last_used=now)
+        self._schedule_check(slot, now)
+        self._slots.add(slot)
+        return slot
+
+    def _schedule_check(self, slot: _Slot, now: float) -> None:
+        if self.heartbeat_interval is not None:
+            slot.next_check = now + self.heartbeat_interval * self._rng.uniform(0.8, 1.0)
+
+    def _note_connect_failure(self, exc: BaseException) -> None:
+        self._counters["connect_failures"] += 1
+        self._last_error = exc
+        if classify(exc) is not Failure.FATAL:
+            self._down = True
+
+    def _need(self) -> int:
+        """How many connections to open now."""
+        total = len(self._slots) + self._connecting
+        for_waiters = min(len(self._waiters) - self._connecting, self.max_size - total)
+        return max(self.min_size - total, for_waiters, 0)
+
+    def _wake_connector(self) -> None:
+        if self._closed or not self._opened:
+            return
+        if (self._connector is None or self._connector.done()) and self._need() > 0:
+            self._connector = self._spawn(self._run_connector())
+
+    async def _run_connector(self) -> None:
+        """Open connections while they are needed: one probe at a time while the server
+        is down (jittered backoff, shared by every waiter), in parallel once it is up."""
+        backoff: Backoff | None = None
+        while not self._closed:
+            need = self._need()
+            if need <= 0:
+                return
+            batch = 1 if self._down else need
+            self._connecting += batch
+            failures: list[BaseException] = []
+            if batch == 1:
+                await self._attempt(failures)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(batch):
+                        tg.start_soon(self._attempt, failures)
+            if not failures:
+                backoff = None
+                continue
+            exc = failures[-1]
+            if classify(exc) is Failure.FATAL:
+                self._fail_waiters(exc)
+                return
+            if backoff is None:
+                backoff = Backoff(self.retry, self._rng)
+            delay = backoff.next()
+            if _is_refused(exc):
+                delay = min(delay, REFUSED_PROBE_CAP * testing_scale())
+            logger.debug("pool %r retrying connect in %.3fs", self.name, delay)
+            await anyio.sleep(delay)
+
+    async def _attempt(self, failures: list[BaseException]) -> None:
+        try:
+            conn = await self._connect()
+        except Exception as exc:
+            self._connecting -= 1
+            self._note_connect_failure(exc)
+            failures.append(exc)
+            level = logging.ERROR if classify(exc) is Failure.FATAL else logging.WARNING
+            logger.log(level, "pool %r: connect to %s failed: %s", self.name, self._target, exc)
+            return
+        except BaseException:
+            self._connecting -= 1
+            raise
+        self._connecting -= 1
+        if self._down:
+            logger.info("pool %r: %s is reachable again", self.name, self._target)
+        self._down = False
+        self._fatal = None
+        if self._closed:
+            await conn.close()
+            return
+        self._put(self._new_slot(conn))
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        self._fatal = exc
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = exc
+            waiter.event.set()
+
+    # -- acquire / release -----------------------------------------------------------
+
+    def _put(self, slot: _Slot) -> None:
+        """Hand a healthy connection to the first waiter, or make it idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.event.is_set():
+                continue
+            waiter.slot = slot
+            waiter.event.set()
+            return
+        self._idle.append(slot)
+
+    async def _take_idle(self) -> _Slot | None:
+        now = time.monotonic()
+        while self._idle:
+            slot = self._idle.pop()
+            if (slot.expires is None or now < slot.expires) and looks_alive(slot.conn):
+                return slot
+            if slot.expires is not None and now >= slot.expires:
+                await self._retire(slot)
+            else:
+                await self._lost(slot, None)
+        return None
+
+    async def _acquire(self, deadline: float) -> _Slot:
+        """A live connection, waiting at most until *deadline* (monotonic)."""
+        if not self._opened or self._closed:
+            raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closed else 'not open'}")
+        slot = await self._take_idle()
+        if slot is not None:
+            return slot
+        waiter = _Waiter()
+        failures_before = self._counters["connect_failures"]
+        self._waiters.append(waiter)
+        self._wake_connector()
+        now = time.monotonic()
+        wait = deadline - now if self._down else min(deadline - now, self.acquire_timeout)
+        try:
+            with anyio.fail_after(max(wait, 0.0)):
+                await waiter.event.wait()
+        except BaseException as exc:
+            if waiter.slot is not None:
+                self._put(waiter.slot)  # handed over just as we gave up
+            else:
+                waiter.event.set()
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                if self._down or (self._last_error is not None and len(self._slots) == 0):
+                    raise DatabaseUnavailable(
+                        f"database {self._target} unreachable: {self._last_error}",
+                        attempts=max(1, self._counters["connect_failures"] - failures_before),
+                        last_error=self._last_error,
+                    ) from self._last_error
+                self._counters["acquire_timeouts"] += 1
+                raise PoolTimeout(
+                    f"no connection free in pool {self.name!r} within {wait:.3f}s "
+                    f"(size={len(self._slots)}, max_size={self.max_size}, "
+                    f"waiting={len(self._waiters)})"
+                ) from None
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.slot is not None
+        return waiter.slot
+
+    async def _release(self, slot: _Slot) -> None:
+        """Return a connection after use: idle if clean, else discarded."""
+        conn = slot.conn
+        if (
+            self._closed
+            or conn.closed
+            or conn.broken
+            or conn.pgconn.transaction_status != TransactionStatus.IDLE
+        ):
+            await self._discard(slot)
+            return
+        now = time.monotonic()
+        if slot.expires is not None and now >= slot.expires:
+            await self._retire(slot)
+            return
+        slot.last_used = now
+        self._schedule_check(slot, now)
+        self._put(slot)
+
+    async def _discard(self, slot: _Slot) -> None:
+        """Close a connection whose state is unknown or bad, and replace it."""
+        await self._close_slot(slot)
+        self._wake_connector()
+
+    async def _close_slot(self, slot: _Slot) -> None:
+        # AsyncConnection.close() never suspends, so this completes even when the
+        # caller is being cancelled: no connection leaks.
+        self._slots.discard(slot)
+        await slot.conn.close()
+
+    async def _retire(self, slot: _Slot) -> None:
+        logger.debug("pool %r: retiring a connection past its lifetime", self.name)
+        await self._discard(slot)
+
+    async def _lost(self, slot: _Slot, exc: BaseException | None) -> None:
+        """A connection was found dead: drop it, check the others, replace it."""
+        self._counters["connections_lost"] += 1
+        if exc is not None:
+            self._last_error = exc
+        logger.warning(
+            "pool %r: lost a connection to %s%s",
+            self.name,
+            self._target,
+            f": {exc}" if exc is not None else "",
+        )
+        await self._close_slot(slot)
+        await self._check_idle_locally()
+        if isinstance(exc, TimeoutError):
+            # No local evidence (a half-open peer): ping the others now.
+            self._start_sweep()
+        self._wake_connector()
+
+    async def _check_idle_locally(self) -> None:
+        """One loss warns the rest: drop idle connections whose socket says they died."""
+        if not self._idle:
+            return
+        alive = [s for s in self._idle if looks_alive(s.conn)]
+        if len(alive) == len(self._idle):
+            return
+        dead = [s for s in self._idle if s not in alive]
+        self._idle = deque(alive)
+        for slot in dead:
+            self._counters["connections_lost"] += 1
+            await self._close_slot(slot)
+
+    # -- heartbeat -------------------------------------------------------------------
+
+    def _start_sweep(self) -> None:
+        if self._closed or (self._sweeper is not None and not self._sweeper.done()):
+            return
+        self._sweeper = self._spawn(self.check())
+
+    async def check(self) -> None:
+        """Ping every idle connection now (``SELECT 1`` within ``heartbeat_timeout``)."""
+        await self._ping_idle(lambda slot: True)
+
+    async def _ping_idle(self, due: Callable[[_Slot], bool]) -> None:
+        slots = [s for s in self._idle if due(s)]
+        if not slots:
+            return
+        for slot in slots:
+            self._idle.remove(slot)
+        async with anyio.create_task_group() as tg:
+            for slot in slots:
+                tg.start_soon(self._ping, slot)
+
+    async def _ping(self, slot: _Slot) -> None:
+        self._counters["heartbeats"] += 1
+        error: BaseException | None = None
+        try:
+            with anyio.fail_after(self.heartbeat_timeout):
+                await slot.conn.execute("SELECT 1")
+        except Exception as exc:
+            error = exc
+        except BaseException:
+            await self._close_slot(slot)
+            raise
+        if error is None:
+            await self._release(slot)
+            return
+        self._counters["heartbeat_failures"] += 1
+        await self._lost(slot, error)
+
+    async def run_heartbeat(self) -> None:
+        """Run the heartbeat and maintenance in the caller's task, until cancelled.
+
+        For applications that want to own the background work in their own task group:
+        the pool's internal heartbeat task stops while this runs.
+        """
+        self._user_heartbeat = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+        await _maintain(weakref.ref(self), once=False)
+
+    async def _maintain_once(self) -> None:
+        now = time.monotonic()
+        # Expired lifetimes and idle connections above min_size.
+        drop: list[_Slot] = []
+        size = len(self._slots)
+        for slot in self._idle:
+            if slot.expires is not None and now >= slot.expires:
+                drop.append(slot)
+            elif (
+                self.max_idle is not None
+                and now - slot.last_used > self.max_idle
+                and size > self.min_size
+            ):
+                drop.append(slot)
+                size -= 1
+        if drop:
+            self._idle = deque(s for s in self._idle if s not in drop)
+            for slot in drop:
+                await self._close_slot(slot)
+        if self.heartbeat_interval is not None:
+            await self._ping_idle(lambda s: now >= s.next_check)
+        self._wake_connector()
+
+    # -- operations ------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.retry.budget
+
+    async def _replay(
+        self,
+        op: Callable[[AsyncConnection[Any]], Awaitable[T]],
+    ) -> T:
+        """Run *op* on a pooled connection, replaying it on a fresh one after a transient
+        failure until the retry budget is spent. Only for operations safe to replay."""
+        deadline = self._deadline()
+        attempts = 0
+        backoff: Backoff | None = None
+        while True:
+            attempts += 1
+            slot = await self._acquire(deadline)
+            try:
+                result = await op(slot.conn)
+            except Exception as exc:
+                failure = Failure.CONNECTION if slot.conn.broken else classify(exc)
+                if not failure.retryable:
+                    await self._release(slot)
+                    raise
+                await self._lost(slot, exc)
+                max_attempts = self.retry.max_attempts
+                if time.monotonic() >= deadline or (
+                    max_attempts is not None and attempts >= max_attempts
+                ):
+                    raise DatabaseUnavailable(
+                        f"gave up after {attempts} attempts: {exc}",
+                        attempts=attempts,
+                        last_error=exc,
+                    ) from exc
+                self._counters["retries"] += 1
+                if attempts > 1:
+                    # The first retry is immediate: a stale connection is the usual cause.
+                    backoff = backoff or Backoff(self.retry, self._rng)
+                    await anyio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
+                continue
+            except BaseException:
+                await self._discard(slot)  # cancelled mid-query: its state is unknown
+                raise
+            await self._release(slot)
+            return result
+
+    async def fetch(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> list[Any]:
+        """All rows of *query*; replayed transparently after a connection failure."""
+
+        async def op(conn: AsyncConnection[Any]) -> list[Any]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._read(op, idempotent)
+
+    async def fetchone(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> Any:
+        """The first row of *query*, or ``None``; replayed after a connection failure."""
+
+        async def op(conn: AsyncConnection[Any]) -> Any:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+        return await self._read(op, idempotent)
+
+    async def fetchval(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> Any:
+        """The first column of the first row of *query*, or ``None``; replayed."""
+
+        async def op(conn: AsyncConnection[Any]) -> Any:
+            cur = await conn.execute(query, params)
+            row = await cur.fetchone()
+            return None if row is None else _first(row)
+
+        return await self._read(op, idempotent)
+
+    async def execute(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = False
+    ) -> int:
+        """Run a statement and return its rowcount.
+
+        With ``idempotent=True`` the caller vouches that running it twice is harmless,
+        and it is replayed like a read. Otherwise it is never replayed once it may have
+        reached the server: a connection lost then raises `ConnectionLost`.
+        """
+
+        async def op(conn: AsyncConnection[Any]) -> int:
+            cur = await conn.execute(query, params)
+            return cur.rowcount
+
+        if idempotent:
+            return await self._replay(op)
+        return await self._once(op)
+
+    async def _read(self, op: Callable[[AsyncConnection[Any]], Awaitable[T]], idem: bool) -> T:
+        if idem:
+            return await self._replay(op)
+        return await self._once(op)
+
+    async def _once(self, op: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run *op* once on a live connection; a connection loss raises ConnectionLost."""
+        slot = await self._acquire(self._deadline())
+        try:
+            result = await op(slot.conn)
+        except Exception as exc:
+            if slot.conn.broken or classify(exc) is Failure.CONNECTION:
+                await self._lost(slot, exc)
+                raise ConnectionLost(
+                    f"connection lost while the statement may have run; it was not retried: {exc}"
+                ) from exc
+            await self._release(slot)
+            raise
+        except BaseException:
+            await self._discard(slot)
+            raise
+        await self._release(slot)
+        return result
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A live connection for a block: commit on clean exit, rollback on error.
+
+        Connecting is retried within the retry budget; what runs inside the block is not
+        replayed: a connection lost there raises `ConnectionLost`. The connection goes
+        back to the pool afterwards, or is discarded if it broke or its state is unknown
+        (for example when the block was cancelled).
+        """
+        slot = await self._acquire(self._deadline())
+        conn = slot.conn
+        try:
+            if not self._block_autocommit:
+                await conn.set_autocommit(False)
+            yield conn
+            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                await conn.commit()
+            await conn.set_autocommit(True)
+        except Exception as exc:
+            if conn.broken or classify(exc) is Failure.CONNECTION:
+                await self._lost(slot, exc)
+                raise ConnectionLost(f"connection lost inside the block: {exc}") from exc
+            try:
+                await conn.rollback()
+                await conn.set_autocommit(True)
+            except BaseException:
+                await self._discard(slot)
+                raise exc from None
+            await self._release(slot)
+            raise
+        except BaseException:
+            await self._discard(slot)
+            raise
+        await self._release(slot)
+
+
+def _first(row: Any) -> Any:
+    if isinstance(row, Sequence):
+        return row[0]
+    if isinstance(row, dict):
+        return next(iter(row.values()))
+    return row[0]
+
+
+async def _maintain(ref: weakref.ref[ResilientPool], *, once: bool = False) -> None:
+    """The pool's background loop; holds only a weak reference to the pool."""
+    while True:
+        pool = ref()
+        if pool is None or pool._closed:
+            return
+        tick = 1.0
+        if pool.heartbeat_interval is not None:
+            tick = min(tick, pool.heartbeat_interval / 4)
+        try:
+            await pool._maintain_once()
+        except Exception:
+            logger.exception("pool %r: heartbeat failed; carrying on", pool.name)
+        del pool
+        if once:
+            return
+        await anyio.sleep(tick)
