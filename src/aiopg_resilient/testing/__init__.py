@@ -1,0 +1,36 @@
+"""Test helpers: a throwaway PostgreSQL server with TLS and a fault-injecting proxy.
+
+Names are imported on first use, so importing this package (as the pytest plugin does)
+needs none of the optional test dependencies (trustme) until a server is actually used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._proxy import ChaosProxy
+    from ._server import PostgresServer, ServerControlUnavailable, ServerUnavailable
+
+__all__ = ["ChaosProxy", "PostgresServer", "ServerControlUnavailable", "ServerUnavailable"]
+
+_WHERE = {
+    "ChaosProxy": "._proxy",
+    "PostgresServer": "._server",
+    "ServerControlUnavailable": "._server",
+    "ServerUnavailable": "._server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
