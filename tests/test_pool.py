@@ -11,7 +11,6 @@ import psycopg
 import pytest
 
 from aiopg_resilient import (
-    ConnectionLost,
     PoolClosed,
     PoolTimeout,
     ResilientPool,
@@ -213,10 +212,11 @@ async def test_run_heartbeat_in_own_task_group(pg: PostgresServer, app_name: str
         tg.cancel_scope.cancel()
 
 
-async def test_execute_write_is_not_replayed(
+async def test_write_lost_before_commit_is_rerun_once(
     pg: PostgresServer, chaos_proxy: ChaosProxy, app_name: str, table: str
 ) -> None:
-    """A write whose connection dies mid-statement raises ConnectionLost, not a retry."""
+    """A write whose connection dies mid-statement (before COMMIT) was not applied, so
+    execute() re-runs it: exactly one row."""
     assert chaos_proxy.dsn is not None
     async with pool_for(chaos_proxy.dsn, app_name, max_size=1) as pool:
         await pool.fetchval("SELECT 1")
@@ -227,10 +227,19 @@ async def test_execute_write_is_not_replayed(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(cut_soon)
-            with pytest.raises(ConnectionLost) as info:
-                await pool.execute(f"INSERT INTO {table} SELECT 'x', 1 FROM pg_sleep(0.5)")
-        assert isinstance(info.value, psycopg.OperationalError)
-        assert pool.stats.retries == 0
+            n = await pool.execute(f"INSERT INTO {table} SELECT 'x', 1 FROM pg_sleep(0.5)")
+        assert n == 1
+        assert pool.stats.retries == 1
+    assert await pg.execute(f"SELECT count(*) FROM {table}") == [(1,)]
+
+
+async def test_statement_outside_transaction_block_runs_once(
+    pg: PostgresServer, app_name: str, table: str
+) -> None:
+    """Statements that refuse a transaction block (VACUUM) still run through execute()."""
+    async with pool_for(pg.dsn, app_name, max_size=1) as pool:
+        await pool.execute(f"VACUUM {table}")
+        assert pool.stats.connects == 1
 
 
 async def test_idempotent_execute_is_replayed(pg: PostgresServer, app_name: str) -> None:

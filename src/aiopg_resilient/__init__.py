@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._connection import Reconnected, ResilientConnection
 from ._errors import (
     CommitUnknown,
     ConnectionLost,
@@ -36,6 +37,8 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "PoolTimeout",
+    "Reconnected",
+    "ResilientConnection",
     "ResilientPool",
     "RetryPolicy",
     "classify",
@@ -43,5 +46,5 @@ __all__ = [
     "set_testing",
 ]
 
-for _name in ("ResilientPool", "RetryPolicy", "PoolStats"):
+for _name in ("ResilientPool", "ResilientConnection", "RetryPolicy", "PoolStats"):
     globals()[_name].__module__ = __name__

@@ -8,21 +8,19 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, sql
-from psycopg.abc import Params
+from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
 from ._errors import (
-    ConnectionLost,
     DatabaseUnavailable,
     Failure,
     PoolClosed,
@@ -30,6 +28,7 @@ from ._errors import (
     classify,
 )
 from ._liveness import looks_alive
+from ._ops import InDoubt, Operations
 from ._retry import Backoff, RetryPolicy, testing_scale
 from ._stats import PoolStats
 
@@ -39,8 +38,6 @@ logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
 Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
-InDoubt = Literal["resolve", "raise"]
-Query = str | bytes | sql.SQL | sql.Composed
 
 # A refused connect (nothing listens) costs the server nothing: no backend, no TLS
 # handshake. Probing it at most this far apart lets a restarted server be used again
@@ -70,7 +67,7 @@ class _Waiter:
     error: BaseException | None = None
 
 
-class ResilientPool:
+class ResilientPool(Operations):
     """A pool of psycopg `AsyncConnection` that hides transient failures from reads.
 
     Open it with ``async with ResilientPool(dsn) as pool`` or ``await pool.open()`` /
@@ -475,6 +472,8 @@ class ResilientPool:
         if slot.expires is not None and now >= slot.expires:
             await self._retire(slot)
             return
+        if not conn.autocommit:
+            await conn.set_autocommit(True)  # local only: the connection is idle
         slot.last_used = now
         self._schedule_check(slot, now)
         self._put(slot)
@@ -596,171 +595,6 @@ class ResilientPool:
         if self.heartbeat_interval is not None:
             await self._ping_idle(lambda s: now >= s.next_check)
         self._wake_connector()
-
-    # -- operations ------------------------------------------------------------------
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.retry.budget
-
-    async def _replay(
-        self,
-        op: Callable[[AsyncConnection[Any]], Awaitable[T]],
-    ) -> T:
-        """Run *op* on a pooled connection, replaying it on a fresh one after a transient
-        failure until the retry budget is spent. Only for operations safe to replay."""
-        deadline = self._deadline()
-        attempts = 0
-        backoff: Backoff | None = None
-        while True:
-            attempts += 1
-            slot = await self._acquire(deadline)
-            try:
-                result = await op(slot.conn)
-            except Exception as exc:
-                failure = Failure.CONNECTION if slot.conn.broken else classify(exc)
-                if not failure.retryable:
-                    await self._release(slot)
-                    raise
-                await self._lost(slot, exc)
-                max_attempts = self.retry.max_attempts
-                if time.monotonic() >= deadline or (
-                    max_attempts is not None and attempts >= max_attempts
-                ):
-                    raise DatabaseUnavailable(
-                        f"gave up after {attempts} attempts: {exc}",
-                        attempts=attempts,
-                        last_error=exc,
-                    ) from exc
-                self._counters["retries"] += 1
-                if attempts > 1:
-                    # The first retry is immediate: a stale connection is the usual cause.
-                    backoff = backoff or Backoff(self.retry, self._rng)
-                    await anyio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
-                continue
-            except BaseException:
-                await self._discard(slot)  # cancelled mid-query: its state is unknown
-                raise
-            await self._release(slot)
-            return result
-
-    async def fetch(
-        self, query: Query, params: Params | None = None, *, idempotent: bool = True
-    ) -> list[Any]:
-        """All rows of *query*; replayed transparently after a connection failure."""
-
-        async def op(conn: AsyncConnection[Any]) -> list[Any]:
-            cur = await conn.execute(query, params)
-            return await cur.fetchall()
-
-        return await self._read(op, idempotent)
-
-    async def fetchone(
-        self, query: Query, params: Params | None = None, *, idempotent: bool = True
-    ) -> Any:
-        """The first row of *query*, or ``None``; replayed after a connection failure."""
-
-        async def op(conn: AsyncConnection[Any]) -> Any:
-            cur = await conn.execute(query, params)
-            return await cur.fetchone()
-
-        return await self._read(op, idempotent)
-
-    async def fetchval(
-        self, query: Query, params: Params | None = None, *, idempotent: bool = True
-    ) -> Any:
-        """The first column of the first row of *query*, or ``None``; replayed."""
-
-        async def op(conn: AsyncConnection[Any]) -> Any:
-            cur = await conn.execute(query, params)
-            row = await cur.fetchone()
-            return None if row is None else _first(row)
-
-        return await self._read(op, idempotent)
-
-    async def execute(
-        self, query: Query, params: Params | None = None, *, idempotent: bool = False
-    ) -> int:
-        """Run a statement and return its rowcount.
-
-        With ``idempotent=True`` the caller vouches that running it twice is harmless,
-        and it is replayed like a read. Otherwise it is never replayed once it may have
-        reached the server: a connection lost then raises `ConnectionLost`.
-        """
-
-        async def op(conn: AsyncConnection[Any]) -> int:
-            cur = await conn.execute(query, params)
-            return cur.rowcount
-
-        if idempotent:
-            return await self._replay(op)
-        return await self._once(op)
-
-    async def _read(self, op: Callable[[AsyncConnection[Any]], Awaitable[T]], idem: bool) -> T:
-        if idem:
-            return await self._replay(op)
-        return await self._once(op)
-
-    async def _once(self, op: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Run *op* once on a live connection; a connection loss raises ConnectionLost."""
-        slot = await self._acquire(self._deadline())
-        try:
-            result = await op(slot.conn)
-        except Exception as exc:
-            if slot.conn.broken or classify(exc) is Failure.CONNECTION:
-                await self._lost(slot, exc)
-                raise ConnectionLost(
-                    f"connection lost while the statement may have run; it was not retried: {exc}"
-                ) from exc
-            await self._release(slot)
-            raise
-        except BaseException:
-            await self._discard(slot)
-            raise
-        await self._release(slot)
-        return result
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A live connection for a block: commit on clean exit, rollback on error.
-
-        Connecting is retried within the retry budget; what runs inside the block is not
-        replayed: a connection lost there raises `ConnectionLost`. The connection goes
-        back to the pool afterwards, or is discarded if it broke or its state is unknown
-        (for example when the block was cancelled).
-        """
-        slot = await self._acquire(self._deadline())
-        conn = slot.conn
-        try:
-            if not self._block_autocommit:
-                await conn.set_autocommit(False)
-            yield conn
-            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                await conn.commit()
-            await conn.set_autocommit(True)
-        except Exception as exc:
-            if conn.broken or classify(exc) is Failure.CONNECTION:
-                await self._lost(slot, exc)
-                raise ConnectionLost(f"connection lost inside the block: {exc}") from exc
-            try:
-                await conn.rollback()
-                await conn.set_autocommit(True)
-            except BaseException:
-                await self._discard(slot)
-                raise exc from None
-            await self._release(slot)
-            raise
-        except BaseException:
-            await self._discard(slot)
-            raise
-        await self._release(slot)
-
-
-def _first(row: Any) -> Any:
-    if isinstance(row, Sequence):
-        return row[0]
-    if isinstance(row, dict):
-        return next(iter(row.values()))
-    return row[0]
 
 
 async def _maintain(ref: weakref.ref[ResilientPool], *, once: bool = False) -> None:
