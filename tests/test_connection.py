@@ -85,8 +85,8 @@ async def test_listen_survives_three_cuts(
             for _ in range(3):
                 await until(lambda: len(received) >= 10 * (len(markers) + 1), timeout=10)
                 await anyio.to_thread.run_sync(chaos_proxy.cut)
-                n = len(markers)
-                await until(lambda: len(markers) > n, timeout=10)
+                seen = len(markers)
+                await until(lambda seen=seen: len(markers) > seen, timeout=10)
 
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:

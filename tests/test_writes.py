@@ -7,6 +7,7 @@ it but before the client gets the answer.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -126,7 +127,8 @@ async def test_in_doubt_raise(
         tls_chaos_proxy.on_client_message(b"COMMIT", "cut_after")
         with pytest.raises(CommitUnknown) as info:
             await pool.execute(f"INSERT INTO {table} VALUES ('k', 1)")
-        assert isinstance(info.value.xid, int) and info.value.xid > 0
+        assert isinstance(info.value.xid, int)
+        assert info.value.xid > 0
         assert isinstance(info.value, psycopg.OperationalError)
         assert pool.stats.commits_unknown == 1
     # It did commit: the server is the judge, and the layer never guessed otherwise.
@@ -198,8 +200,6 @@ async def test_swallowed_error_in_block_is_not_committed(
         with pytest.raises(psycopg.errors.InFailedSqlTransaction):  # noqa: PT012
             async with pool.transaction() as conn:
                 await conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
-                try:
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
                     await conn.execute("SELECT 1/0")
-                except psycopg.errors.DivisionByZero:
-                    pass
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
