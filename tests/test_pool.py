@@ -118,7 +118,7 @@ async def test_connection_block_commits_and_rolls_back(
     async with pool_for(pg.dsn, app_name, max_size=1) as pool:
         async with pool.connection() as conn:
             await conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
-        with pytest.raises(RuntimeError, match="app bug"):  # noqa: PT012 - the block is the test
+        with pytest.raises(RuntimeError, match="app bug"):
             async with pool.connection() as conn:
                 await conn.execute(f"INSERT INTO {table} VALUES ('b', 2)")
                 raise RuntimeError("app bug")

@@ -111,3 +111,19 @@ def test_set_testing_shrinks_and_restores() -> None:
     assert p.budget == 10.0
     with pytest.raises(ValueError, match="scale"):
         set_testing(True, scale=2.0)
+
+
+def test_fast_retries_context_restores() -> None:
+    """testing.fast_retries() shrinks delays inside the block only, even on error."""
+    from aiopg_resilient.testing import fast_retries
+
+    p = RetryPolicy(timeout=10.0)
+    with pytest.raises(RuntimeError), fast_retries(scale=0.5):
+        assert p.budget == 5.0
+        raise RuntimeError
+    assert p.budget == 10.0
+
+
+def test_fast_retries_fixture(fast_retries: None) -> None:
+    """The pytest plugin's fast_retries fixture shrinks delays for the test."""
+    assert RetryPolicy(timeout=10.0).budget == pytest.approx(0.1)

@@ -81,7 +81,7 @@ async def test_transaction_commit_fault_is_resolved(
                 await conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
                 await conn.execute(f"INSERT INTO {table} VALUES ('b', 2)")
         else:
-            with pytest.raises(ConnectionLost, match="nothing was applied"):  # noqa: PT012
+            with pytest.raises(ConnectionLost, match="nothing was applied"):
                 async with pool.transaction() as conn:
                     await conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
                     await conn.execute(f"INSERT INTO {table} VALUES ('b', 2)")
@@ -197,7 +197,7 @@ async def test_swallowed_error_in_block_is_not_committed(
 ) -> None:
     """A block that caught a SQL error cannot commit silently: it raises, nothing applied."""
     async with pool_for(pg.dsn, app_name, max_size=1) as pool:
-        with pytest.raises(psycopg.errors.InFailedSqlTransaction):  # noqa: PT012
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
             async with pool.transaction() as conn:
                 await conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
                 with contextlib.suppress(psycopg.errors.DivisionByZero):

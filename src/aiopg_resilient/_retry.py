@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Backoff", "Jitter", "RetryPolicy", "set_testing"]
+__all__ = ["Backoff", "Jitter", "RetryPolicy", "fast_retries", "set_testing"]
 
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 _JITTERS = ("full", "equal", "decorrelated", "none")
@@ -29,6 +30,18 @@ def set_testing(testing: bool, *, scale: float = 0.01) -> None:
     if testing and not (0.0 <= scale <= 1.0):
         raise ValueError(f"scale must be within [0, 1], got {scale!r}")
     _scale = scale if testing else 1.0
+
+
+@contextmanager
+def fast_retries(scale: float = 0.01) -> Iterator[None]:
+    """Within the block, every retry delay and budget is multiplied by *scale*."""
+    global _scale
+    previous = _scale
+    set_testing(True, scale=scale)
+    try:
+        yield
+    finally:
+        _scale = previous
 
 
 def testing_scale() -> float:

@@ -9,14 +9,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .._retry import fast_retries
+
 if TYPE_CHECKING:
-    from ._proxy import ChaosProxy
+    from ._proxy import ChaosProxy, ProxyConnection, ProxyStats, Trigger
     from ._server import PostgresServer, ServerControlUnavailable, ServerUnavailable
 
-__all__ = ["ChaosProxy", "PostgresServer", "ServerControlUnavailable", "ServerUnavailable"]
+__all__ = [
+    "ChaosProxy",
+    "PostgresServer",
+    "ProxyConnection",
+    "ProxyStats",
+    "ServerControlUnavailable",
+    "ServerUnavailable",
+    "Trigger",
+    "fast_retries",
+]
 
 _WHERE = {
     "ChaosProxy": "._proxy",
+    "ProxyConnection": "._proxy",
+    "ProxyStats": "._proxy",
+    "Trigger": "._proxy",
     "PostgresServer": "._server",
     "ServerControlUnavailable": "._server",
     "ServerUnavailable": "._server",

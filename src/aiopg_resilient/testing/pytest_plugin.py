@@ -144,3 +144,12 @@ def tls_chaos_proxy(pg: PostgresServer, request: pytest.FixtureRequest) -> Itera
         pytest.skip(f"tls_chaos_proxy: {exc}")
     with proxy:
         yield proxy
+
+
+@pytest.fixture
+def fast_retries() -> Iterator[None]:
+    """Shrink every aiopg_resilient retry delay and budget 100x for the test, then restore."""
+    from .._retry import fast_retries as shrink
+
+    with shrink():
+        yield

@@ -1,0 +1,963 @@
+"""A fault-injecting TCP proxy to put between a PostgreSQL client and server.
+
+`ChaosProxy` runs its own asyncio event loop in a background thread, so it works the
+same under any async framework and from synchronous code. Every fault method is a plain,
+thread-safe call that returns once the fault has happened on the wire::
+
+    with ChaosProxy.for_server(server, tls=True) as proxy:
+        conn = await psycopg.AsyncConnection.connect(proxy.dsn)
+        proxy.cut()          # TLS close_notify + FIN to the client and the server
+        await conn.execute("SELECT 1")   # OperationalError: SSL connection has been closed ...
+
+Two modes:
+
+* pass-through (``tls=None``): bytes are copied both ways; the client's TLS session goes end
+  to end to the server, so the proxy can only cut, reset, delay or stall the TCP stream.
+* TLS-terminating (``tls=`` a server-side `ssl.SSLContext`): the proxy answers PostgreSQL's
+  SSLRequest itself, terminates the client's TLS and opens its own session to the server,
+  like a cloud database proxy. It sees the protocol in plaintext, so a cut sends a TLS
+  close_notify before the FIN and `ChaosProxy.on_client_message` can act on a given message.
+
+TLS is run over memory BIOs (`ssl.SSLObject`) rather than asyncio's SSL transport, so the
+proxy decides exactly which bytes reach the socket and when: asyncio's transport waits for
+the peer's close_notify (up to 30 s) before it sends the FIN, which is not what a proxy that
+drops a session does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
+
+import anyio
+import anyio.to_thread
+
+__all__ = [
+    "ChaosProxy",
+    "ConnectionSelector",
+    "ProxyConnection",
+    "ProxyStats",
+    "Trigger",
+    "TriggerAction",
+]
+
+logger = logging.getLogger("aiopg_resilient.testing")
+
+_T = TypeVar("_T")
+
+_CHUNK = 65536
+"""Largest read from one side; with drain() after each write, this bounds the buffers."""
+_SSL_REQUEST_CODE = 80877103
+_GSSENC_REQUEST_CODE = 80877104
+_SSL_REQUEST = struct.pack("!ii", 8, _SSL_REQUEST_CODE)
+_CALL_TIMEOUT = 10.0
+"""How long a fault method waits for the proxy thread to carry it out."""
+_CONNECT_TIMEOUT = 10.0
+_LINGER = 10.0
+"""How long a cut socket keeps reading (and discarding) before it is closed.
+
+A socket closed with unread data sends an RST instead of a FIN; lingering until the peer
+closes (as nginx's lingering_close does) keeps a cut a clean FIN whatever the client sends.
+"""
+_IDLE_TICK = 0.05
+
+TriggerAction = Literal["cut_before", "cut_after", "freeze_before", "freeze_after"]
+_TRIGGER_ACTIONS: frozenset[str] = frozenset(
+    ("cut_before", "cut_after", "freeze_before", "freeze_after")
+)
+_CloseHow = Literal["cut", "reset", "close"]
+_Direction = Literal["up", "down"]
+
+
+class _Server(Protocol):
+    """What `ChaosProxy.for_server` needs from a `PostgresServer`."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def conninfo(self, **overrides: Any) -> str: ...
+
+    def proxy_ssl_contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]: ...
+
+
+@dataclass(frozen=True)
+class ProxyConnection:
+    """A snapshot of one client session through the proxy.
+
+    `client_port` is the client's source port; `upstream_port` is the proxy's source port
+    towards the server, i.e. what the server sees as ``pg_stat_activity.client_port``.
+    Times are `time.monotonic()` values.
+    """
+
+    id: int
+    client_port: int
+    upstream_port: int | None
+    created_at: float
+    last_activity: float
+    bytes_up: int
+    bytes_down: int
+    frozen: bool
+    tls: bool
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """Counters of a proxy since it started (or since `ChaosProxy.reset_stats`).
+
+    `accepted`: client connections accepted; `open`: connections open now (including ones
+    still connecting upstream); `peak_open`: the most that were open at once.
+    """
+
+    accepted: int
+    open: int
+    peak_open: int
+
+
+ConnectionSelector: TypeAlias = Callable[[ProxyConnection], bool] | Iterable[int] | None
+"""Selects connections for a fault: all (None), by id, or by a predicate on a snapshot."""
+
+
+class Trigger:
+    """A fault armed by `ChaosProxy.on_client_message`.
+
+    `fired` (a `threading.Event`) is set when the action happens: for the cut actions just
+    before the sockets close, so a client that has seen the cut finds it set; for the freeze
+    actions once the connection is frozen. `connection_ids` lists where it fired.
+    """
+
+    def __init__(
+        self, proxy: ChaosProxy, pattern: bytes, action: TriggerAction, *, once: bool
+    ) -> None:
+        self.pattern = pattern
+        self.action: TriggerAction = action
+        self.once = once
+        self.fired = threading.Event()
+        self.connection_ids: list[int] = []
+        self._proxy = proxy
+
+    @property
+    def count(self) -> int:
+        """How many times the trigger has fired."""
+        return len(self.connection_ids)
+
+    def remove(self) -> None:
+        """Disarm the trigger; a no-op if it already fired once or the proxy is closed."""
+        if self._proxy.running:
+            self._proxy._call(lambda: self._proxy._remove_trigger(self))
+
+    async def wait(self, timeout: float = 10.0) -> None:
+        """Wait, without blocking the caller's event loop, until the trigger has fired.
+
+        Raises `TimeoutError` if it has not fired within `timeout` seconds.
+        """
+        with anyio.fail_after(timeout):
+            # The proxy thread sets a threading.Event: no event of this loop to await.
+            while not self.fired.is_set():  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+
+    def _record(self, connection_id: int) -> None:
+        self.connection_ids.append(connection_id)
+        self.fired.set()
+
+    def __repr__(self) -> str:
+        return f"<Trigger {self.pattern!r} {self.action} fired={self.count}>"
+
+
+class _ProtocolError(Exception):
+    """The upstream server did not answer as PostgreSQL does."""
+
+
+class _Endpoint:
+    """One side of a session: a TCP stream, optionally carrying TLS the proxy terminates."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        registry: set[_Endpoint],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._registry = registry  # the proxy's open endpoints, closed at shutdown
+        registry.add(self)
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._eof_sent = False
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    @property
+    def local_port(self) -> int:
+        return int(self.writer.get_extra_info("sockname")[1])
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """Run the TLS handshake; afterwards `read` and `write` carry plaintext."""
+        tls = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        try:
+            while not self._handshake_step(tls):
+                self._flush_tls()
+                data = await self.reader.read(_CHUNK)
+                if not data:
+                    raise ConnectionResetError("connection closed during the TLS handshake")
+                self._incoming.write(data)
+        except ssl.SSLError:
+            self._flush_tls()  # the alert telling the peer why
+            raise
+        self._tls = tls
+        self._flush_tls()
+        await self.writer.drain()
+
+    async def read(self) -> bytes:
+        """Next chunk of (plaintext) data, or b"" at the end of the stream."""
+        if self._tls is None:
+            return await self.reader.read(_CHUNK)
+        while True:
+            try:
+                data = self._tls.read(_CHUNK)
+            except ssl.SSLWantReadError:
+                raw = await self.reader.read(_CHUNK)
+                if raw:
+                    self._incoming.write(raw)
+                else:
+                    self._incoming.write_eof()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            self._flush_tls()  # a post-handshake message may need an answer
+            return data
+
+    async def write(self, data: bytes) -> None:
+        """Send data (encrypted when TLS is on) and wait until the buffer is below its limit."""
+        if self._tls is not None:
+            self._tls.write(data)
+            data = self._outgoing.read()
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def send_eof(self) -> None:
+        """Close the sending direction gracefully: TLS close_notify (when TLS is on), then FIN."""
+        if self._eof_sent or self.writer.transport.is_closing():
+            return
+        self._eof_sent = True
+        if self._tls is not None:
+            # unwrap() queues close_notify, then wants the peer's, which we do not wait for.
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()
+            self._flush_tls()
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+
+    async def linger(self, timeout: float) -> None:
+        """After `send_eof`: discard what the peer still sends until it closes, then close."""
+        try:
+            await asyncio.wait_for(self._discard(), timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            await self.close()
+
+    def abort(self) -> None:
+        """Close abortively: SO_LINGER (1, 0) makes the kernel send an RST."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        """Close the socket (FIN unless already aborted) and wait until it is closed."""
+        self.writer.close()
+        # Shielded: cancelling a task that awaits the transport's close future directly
+        # would cancel that shared future for every other waiter.
+        await asyncio.shield(_wait_closed(self.writer))
+        self._registry.discard(self)
+
+    async def _discard(self) -> None:
+        while await self.reader.read(_CHUNK):
+            pass
+
+    @staticmethod
+    def _handshake_step(tls: ssl.SSLObject) -> bool:
+        """Advance the handshake with the data received so far; True once it is done."""
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def _flush_tls(self) -> None:
+        data = self._outgoing.read()
+        if data and not self.writer.transport.is_closing():
+            self.writer.write(data)
+
+
+async def _wait_closed(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+class _Session:
+    """One client connection and its upstream connection, with a pump for each direction."""
+
+    def __init__(
+        self, proxy: ChaosProxy, sock: socket.socket, ident: int, *, client_port: int, frozen: bool
+    ) -> None:
+        self.proxy = proxy
+        self.id = ident
+        self.client_port = client_port
+        self.client: _Endpoint | None = None
+        self.upstream: _Endpoint | None = None
+        self.created_at = self.last_activity = time.monotonic()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._sock = sock
+        self._gates: dict[_Direction, asyncio.Event] = {
+            "up": asyncio.Event(),
+            "down": asyncio.Event(),
+        }
+        if not frozen:
+            self.thaw()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    @property
+    def frozen(self) -> bool:
+        return not all(gate.is_set() for gate in self._gates.values())
+
+    def freeze(self) -> None:
+        for gate in self._gates.values():
+            gate.clear()
+
+    def thaw(self) -> None:
+        for gate in self._gates.values():
+            gate.set()
+
+    def snapshot(self) -> ProxyConnection:
+        return ProxyConnection(
+            id=self.id,
+            client_port=self.client_port,
+            upstream_port=self.upstream.local_port if self.upstream is not None else None,
+            created_at=self.created_at,
+            last_activity=self.last_activity,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            frozen=self.frozen,
+            tls=self.client is not None and self.client.tls,
+        )
+
+    def start(self) -> None:
+        self._start_task(self._run(), f"chaos-proxy-session-{self.id}")
+
+    async def close(self, how: _CloseHow, *, announce: Callable[[], None] | None = None) -> bool:
+        """Close both sides: "cut" (FIN), "reset" (RST) or "close" (end of stream).
+
+        Safe to call from one of the session's own tasks. `announce` is called just before
+        the sockets are closed, so whoever sees the close can already see it announced.
+        Returns False if the session was already closing, after waiting until it is closed.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return False
+        self._closing = True
+        self.proxy._forget(self)
+        current = asyncio.current_task()
+        others = [task for task in self._tasks if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others)
+        if self.client is None:
+            self._sock.close()
+        endpoints = [e for e in (self.client, self.upstream) if e is not None]
+        if announce is not None:
+            announce()
+        if how == "reset":
+            for endpoint in endpoints:
+                endpoint.abort()
+            for endpoint in endpoints:
+                await endpoint.close()
+        elif how == "cut":
+            for endpoint in endpoints:
+                endpoint.send_eof()
+                self.proxy._spawn(endpoint.linger(_LINGER), f"chaos-proxy-linger-{self.id}")
+        else:
+            for endpoint in endpoints:
+                await endpoint.close()
+        logger.debug("connection %d closed (%s)", self.id, how)
+        self._closed.set()
+        return True
+
+    def _start_task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = self.proxy._spawn(coro, name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run(self) -> None:
+        how: _CloseHow = "close"
+        try:
+            try:
+                await self._open()
+            except (OSError, EOFError, ssl.SSLError, _ProtocolError, asyncio.TimeoutError) as exc:
+                logger.debug("connection %d could not be set up: %r", self.id, exc)
+                how = "cut"
+                return
+            assert self.client is not None
+            assert self.upstream is not None
+            logger.debug("connection %d open: client port %d", self.id, self.client_port)
+            pending = {
+                self._start_task(self._pump(self.client, self.upstream, "up"), f"up-{self.id}"),
+                self._start_task(self._pump(self.upstream, self.client, "down"), f"dn-{self.id}"),
+            }
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if not all(task.result() for task in done):
+                    how = "reset"
+                    break
+        finally:
+            if not self._closing:
+                await self.close(how)
+
+    async def _open(self) -> None:
+        reader, writer = await asyncio.open_connection(sock=self._sock)
+        self.client = _Endpoint(reader, writer, self.proxy._endpoints)
+        for gate in self._gates.values():  # a connection accepted frozen is a black hole
+            await gate.wait()
+        first = b""
+        if self.proxy._tls is not None:
+            first = await self._negotiate_client(self.client, self.proxy._tls)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.proxy._upstream_host, self.proxy._upstream_port),
+            _CONNECT_TIMEOUT,
+        )
+        self.upstream = _Endpoint(reader, writer, self.proxy._endpoints)
+        if self.proxy._upstream_tls is not None:
+            await self._negotiate_upstream(self.upstream, self.proxy._upstream_tls)
+        if first:
+            await self.upstream.write(first)
+            self.bytes_up += len(first)
+
+    async def _negotiate_client(self, client: _Endpoint, context: ssl.SSLContext) -> bytes:
+        """Answer the client's SSLRequest and run TLS; return bytes to forward as they are."""
+        while True:
+            head = await client.reader.readexactly(8)
+            length, code = struct.unpack("!ii", head)
+            if length == 8 and code == _GSSENC_REQUEST_CODE:
+                client.writer.write(b"N")  # no GSSAPI encryption here; the client goes on
+                continue
+            if length == 8 and code == _SSL_REQUEST_CODE:
+                client.writer.write(b"S")
+                await client.start_tls(context, server_side=True)
+                return b""
+            return head  # a plaintext StartupMessage or CancelRequest
+
+    async def _negotiate_upstream(self, upstream: _Endpoint, context: ssl.SSLContext) -> None:
+        upstream.writer.write(_SSL_REQUEST)
+        answer = await upstream.reader.readexactly(1)
+        if answer != b"S":
+            raise _ProtocolError(f"the server answered {answer!r} to SSLRequest")
+        await upstream.start_tls(
+            context, server_side=False, server_hostname=self.proxy._upstream_host
+        )
+
+    async def _pump(self, src: _Endpoint, dst: _Endpoint, direction: _Direction) -> bool:
+        """Copy src to dst until EOF (True) or a connection error (False)."""
+        gate = self._gates[direction]
+        try:
+            while data := await src.read():
+                self.last_activity = time.monotonic()
+                if self.proxy._latency:
+                    await asyncio.sleep(self.proxy._latency)
+                await gate.wait()
+                trigger = self.proxy._match_trigger(data) if direction == "up" else None
+                if trigger is not None:
+                    if await self._fire(trigger, data):
+                        return True
+                    continue
+                await dst.write(data)
+                if direction == "up":
+                    self.bytes_up += len(data)
+                else:
+                    self.bytes_down += len(data)
+            dst.send_eof()
+            return True
+        except (OSError, ssl.SSLError) as exc:
+            logger.debug("connection %d %s: %r", self.id, direction, exc)
+            return False
+
+    async def _fire(self, trigger: Trigger, data: bytes) -> bool:
+        """Carry out a trigger's action on the chunk `data`; True if the session is gone."""
+        assert self.upstream is not None
+        logger.info("connection %d: %s on %r", self.id, trigger.action, trigger.pattern)
+        self.freeze()  # hold back every reply from here on
+        if trigger.action == "cut_before":
+            await self.close("cut", announce=lambda: trigger._record(self.id))
+            return True
+        if trigger.action == "freeze_before":
+            trigger._record(self.id)
+            await self._gates["up"].wait()
+            await self.upstream.write(data)
+            self.bytes_up += len(data)
+            return False
+        await self.upstream.write(data)
+        self.bytes_up += len(data)
+        if trigger.action == "cut_after":
+            await self.close("cut", announce=lambda: trigger._record(self.id))
+            return True
+        trigger._record(self.id)  # freeze_after: stays frozen until thawed
+        return False
+
+
+class ChaosProxy:
+    """An in-process TCP proxy that injects real faults between a client and PostgreSQL.
+
+    Use it as a context manager (``with`` or ``async with``); it listens on
+    ``listen_host:listen_port`` (port 0 picks a free one, see `port`) and forwards to
+    ``upstream_host:upstream_port``. With `tls` (a server-side context) it terminates the
+    client's TLS and connects upstream with `upstream_tls` (plaintext when None).
+
+    Fault methods take `which`: None for every current connection, an iterable of connection
+    ids, or a predicate on a `ProxyConnection`. They are thread-safe and return once the
+    fault has happened; called from async code they hold up the caller's event loop for the
+    few milliseconds that takes (wrap them in ``anyio.to_thread.run_sync`` if that matters).
+    """
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        tls: ssl.SSLContext | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
+    ) -> None:
+        if not 0 <= listen_port <= 65535 or not 0 < upstream_port <= 65535:
+            raise ValueError("ports must be in 1..65535 (listen_port may be 0)")
+        self._upstream_host = upstream_host
+        self._upstream_port = upstream_port
+        self._host = listen_host
+        self._port = listen_port
+        self._tls = tls
+        self._upstream_tls = upstream_tls
+        self._server: _Server | None = None
+        self._dsn: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._used = False
+        # State below is only touched on the proxy's loop.
+        self._listener: socket.socket | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self._sessions: dict[int, _Session] = {}
+        self._endpoints: set[_Endpoint] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._triggers: list[Trigger] = []
+        self._latency = 0.0
+        self._freeze_new = False
+        self._accepted = 0
+        self._peak_open = 0
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def for_server(cls, server: _Server, *, tls: bool = False) -> ChaosProxy:
+        """A proxy in front of a `PostgresServer`; `dsn` connects through it once started.
+
+        With ``tls=True`` the proxy terminates TLS with a certificate from the server's test
+        CA, so clients keep ``sslmode=verify-full`` in both modes.
+        """
+        if tls:
+            client_side, upstream_side = server.proxy_ssl_contexts()
+            proxy = cls(server.host, server.port, tls=client_side, upstream_tls=upstream_side)
+        else:
+            proxy = cls(server.host, server.port)
+        proxy._server = server
+        return proxy
+
+    @property
+    def host(self) -> str:
+        """The address the proxy listens on."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port the proxy listens on (the real one once started)."""
+        if self._port == 0:
+            raise RuntimeError("the proxy has no port until it is started")
+        return self._port
+
+    @property
+    def dsn(self) -> str | None:
+        """A DSN through the proxy, when built by `for_server` and started; else None."""
+        return self._dsn
+
+    @property
+    def running(self) -> bool:
+        """Whether the proxy's thread is running."""
+        return self._loop is not None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> ChaosProxy:
+        """Start the proxy thread and listen. A proxy is started once."""
+        if self._used:
+            raise RuntimeError("a ChaosProxy can only be started once")
+        self._used = True
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(loop,), name="aiopg-resilient-chaos-proxy", daemon=True
+        )
+        self._loop = loop
+        self._thread.start()
+        try:
+            self._call(self._listen)
+        except BaseException:
+            self.close()
+            raise
+        if self._server is not None:
+            self._dsn = self._server.conninfo(host=self.host, port=self.port)
+        logger.info(
+            "chaos proxy %s:%d -> %s:%d started (tls=%s)",
+            self._host,
+            self._port,
+            self._upstream_host,
+            self._upstream_port,
+            self._tls is not None,
+        )
+        return self
+
+    def close(self) -> None:
+        """Close every connection and socket, cancel every task, stop the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            self._call(self._shutdown, timeout=30.0)
+        finally:
+            self._loop = None
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            self._thread = None
+        logger.info("chaos proxy %s:%d closed", self._host, self._port)
+
+    def __enter__(self) -> ChaosProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ChaosProxy:
+        return await anyio.to_thread.run_sync(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await anyio.to_thread.run_sync(self.close)
+
+    def __repr__(self) -> str:
+        port = self._port or "?"
+        return (
+            f"<ChaosProxy {self._host}:{port} -> {self._upstream_host}:{self._upstream_port}"
+            f" tls={self._tls is not None} running={self.running}>"
+        )
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[ProxyConnection]:
+        """Snapshots of the open connections, oldest first."""
+        return self._call(self._snapshots)
+
+    @property
+    def stats(self) -> ProxyStats:
+        """Connections accepted, open now, and open at most at once."""
+        return self._call(self._stats)
+
+    def reset_stats(self) -> None:
+        """Restart the counters: `accepted` from 0, `peak_open` from the connections open now.
+
+        Connection ids keep counting up.
+        """
+        self._call(self._reset_stats)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def cut(self, which: ConnectionSelector = None) -> int:
+        """Close connections gracefully on both sides; return how many were cut.
+
+        The client and the server each get a FIN, preceded by a TLS close_notify where the
+        proxy terminates TLS. Held and in-flight data is dropped.
+        """
+        return self._call(lambda: self._close_sessions(which, "cut"))
+
+    def reset(self, which: ConnectionSelector = None) -> int:
+        """Close connections abortively (TCP RST) on both sides; return how many."""
+        return self._call(lambda: self._close_sessions(which, "reset"))
+
+    def freeze(self, which: ConnectionSelector = None) -> int:
+        """Stop forwarding in both directions, keeping the sockets open; return how many.
+
+        The peers' kernels still get ACKs, so this is a half-open connection: data is held
+        (up to the buffer limits, then the senders block) until `thaw`.
+        """
+        return self._call(lambda: self._set_frozen(which, True))
+
+    def thaw(self, which: ConnectionSelector = None) -> int:
+        """Resume forwarding, held data first; return how many connections were frozen."""
+        return self._call(lambda: self._set_frozen(which, False))
+
+    def freeze_new(self, on: bool) -> None:
+        """Accept new connections frozen (a black hole: nothing is answered or forwarded)."""
+        self._call(lambda: self._set_attr("_freeze_new", on))
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every chunk by `seconds` in each direction (0 turns it off)."""
+        if seconds < 0:
+            raise ValueError("latency must be >= 0")
+        self._call(lambda: self._set_attr("_latency", float(seconds)))
+
+    def idle_cut(self, seconds: float | None) -> None:
+        """Cut connections idle (no byte either way) for longer than `seconds`; None: off.
+
+        Like a load balancer's idle timeout; checked every 50 ms at most.
+        """
+        if seconds is not None and seconds <= 0:
+            raise ValueError("the idle timeout must be > 0 (or None to turn it off)")
+        self._call(lambda: self._set_idle_cut(seconds))
+
+    def refuse(self) -> None:
+        """Stop listening: new connects are refused (ECONNREFUSED); open ones carry on."""
+        self._call(self._stop_listening)
+
+    def accept(self) -> None:
+        """Listen again, on the same port, after `refuse`."""
+        self._call(self._listen)
+
+    def on_client_message(
+        self, pattern: bytes, action: TriggerAction, *, once: bool = True
+    ) -> Trigger:
+        """Arm a fault for the next client->server chunk containing `pattern` (every such
+        chunk with ``once=False``), on any connection.
+
+        Only works where the proxy sees plaintext: TLS-terminating mode, or pass-through
+        with ``sslmode=disable``. A pattern split across two TCP chunks is not seen.
+        psycopg sends ``conn.commit()`` as a simple query, so ``b"COMMIT"`` catches it.
+        Actions, on the connection that sent the chunk:
+
+        * ``"cut_before"``: drop the chunk and cut both sides: the server never sees it.
+        * ``"cut_after"``: forward it, then cut both sides without relaying any reply: the
+          server runs it (it reads the chunk before the FIN) but the client never learns.
+        * ``"freeze_before"``: hold the chunk and freeze the connection.
+        * ``"freeze_after"``: forward it and freeze: the server runs it, the reply is held.
+        """
+        if action not in _TRIGGER_ACTIONS:
+            raise ValueError(f"unknown trigger action {action!r}")
+        if not pattern:
+            raise ValueError("the pattern must not be empty")
+        trigger = Trigger(self, pattern, action, once=once)
+        self._call(lambda: self._add_trigger(trigger))
+        return trigger
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _call(
+        self, factory: Callable[[], Coroutine[Any, Any, _T]], *, timeout: float = _CALL_TIMEOUT
+    ) -> _T:
+        """Run `factory()` on the proxy loop and wait for its result."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the proxy is not running")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("ChaosProxy methods cannot be called from the proxy's thread")
+        future = asyncio.run_coroutine_threadsafe(factory(), loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("chaos proxy task %s failed", task.get_name(), exc_info=exc)
+
+    def _forget(self, session: _Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    async def _set_attr(self, name: str, value: object) -> None:
+        setattr(self, name, value)
+
+    async def _listen(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.create_server((self._host, self._port), backlog=128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        # A reader callback rather than a task awaiting sock_accept(): cancelling such a task
+        # just as a connection arrives would lose the accepted socket.
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener)
+
+    async def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            asyncio.get_running_loop().remove_reader(listener.fileno())
+            listener.close()
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("chaos proxy: accept failed: %r", exc)
+                return
+            try:
+                sock.setblocking(False)
+                client_port = sock.getpeername()[1]
+            except OSError:  # the client is already gone
+                sock.close()
+                continue
+            session = _Session(
+                self, sock, next(self._ids), client_port=client_port, frozen=self._freeze_new
+            )
+            self._sessions[session.id] = session
+            self._accepted += 1
+            self._peak_open = max(self._peak_open, len(self._sessions))
+            session.start()
+
+    async def _shutdown(self) -> None:
+        await self._stop_listening()
+        await self._set_idle_cut(None)
+        for session in list(self._sessions.values()):
+            await session.close("close")
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        for endpoint in list(self._endpoints):
+            await endpoint.close()
+
+    async def _snapshots(self) -> list[ProxyConnection]:
+        return [session.snapshot() for session in self._sessions.values()]
+
+    async def _stats(self) -> ProxyStats:
+        return ProxyStats(
+            accepted=self._accepted, open=len(self._sessions), peak_open=self._peak_open
+        )
+
+    async def _reset_stats(self) -> None:
+        self._accepted = 0
+        self._peak_open = len(self._sessions)
+
+    def _select(self, which: ConnectionSelector) -> list[_Session]:
+        sessions = list(self._sessions.values())
+        if which is None:
+            return sessions
+        if callable(which):
+            return [session for session in sessions if which(session.snapshot())]
+        ids = set(which)
+        return [session for session in sessions if session.id in ids]
+
+    async def _close_sessions(self, which: ConnectionSelector, how: _CloseHow) -> int:
+        sessions = self._select(which)
+        closed = await asyncio.gather(*(session.close(how) for session in sessions))
+        count = sum(closed)
+        logger.info("chaos proxy: %s %d connection(s)", how, count)
+        return count
+
+    async def _set_frozen(self, which: ConnectionSelector, frozen: bool) -> int:
+        sessions = [session for session in self._select(which) if session.frozen != frozen]
+        for session in sessions:
+            if frozen:
+                session.freeze()
+            else:
+                session.thaw()
+        logger.info(
+            "chaos proxy: %s %d connection(s)", "froze" if frozen else "thawed", len(sessions)
+        )
+        return len(sessions)
+
+    async def _set_idle_cut(self, seconds: float | None) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            await asyncio.wait([self._idle_task])
+            self._idle_task = None
+        if seconds is not None:
+            self._idle_task = self._spawn(self._watch_idle(seconds), "chaos-proxy-idle-cut")
+
+    async def _watch_idle(self, seconds: float) -> None:
+        tick = min(_IDLE_TICK, seconds / 4)
+        while True:
+            await asyncio.sleep(tick)
+            deadline = time.monotonic() - seconds
+            for session in list(self._sessions.values()):
+                if session.upstream is not None and session.last_activity < deadline:
+                    logger.info("chaos proxy: idle cut of connection %d", session.id)
+                    self._spawn(session.close("cut"), f"chaos-proxy-idle-cut-{session.id}")
+
+    async def _add_trigger(self, trigger: Trigger) -> None:
+        self._triggers.append(trigger)
+
+    async def _remove_trigger(self, trigger: Trigger) -> None:
+        with contextlib.suppress(ValueError):
+            self._triggers.remove(trigger)
+
+    def _match_trigger(self, data: bytes) -> Trigger | None:
+        for trigger in self._triggers:
+            if trigger.pattern in data:
+                if trigger.once:
+                    self._triggers.remove(trigger)
+                return trigger
+        return None
