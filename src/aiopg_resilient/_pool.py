@@ -20,6 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
+from ._driver import DriverConnection
 from ._errors import (
     DatabaseUnavailable,
     Failure,
@@ -277,7 +278,7 @@ class ResilientPool(Operations):
     # -- connecting ------------------------------------------------------------------
 
     async def _connect(self) -> AsyncConnection[Any]:
-        conn = await AsyncConnection.connect(
+        conn = await DriverConnection.connect(
             self._conninfo, autocommit=True, **self._connect_kwargs
         )
         try:
