@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import psycopg
@@ -37,7 +37,6 @@ __all__ = ["ResilientPool"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
-T = TypeVar("T")
 Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 
 # A refused connect (nothing listens) costs the server nothing: no backend, no TLS
@@ -144,7 +143,6 @@ class ResilientPool(Operations):
         self._waiters: deque[_Waiter] = deque()
         self._connecting = 0
         self._down = False
-        self._fatal: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._connector: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -378,14 +376,12 @@ class ResilientPool(Operations):
         if self._down:
             logger.info("pool %r: %s is reachable again", self.name, self._target)
         self._down = False
-        self._fatal = None
         if self._closed:
             await conn.close()
             return
         self._put(self._new_slot(conn))
 
     def _fail_waiters(self, exc: BaseException) -> None:
-        self._fatal = exc
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.error = exc
@@ -572,7 +568,7 @@ class ResilientPool(Operations):
         self._user_heartbeat = True
         if self._maintainer is not None:
             self._maintainer.cancel()
-        await _maintain(weakref.ref(self), once=False)
+        await _maintain(weakref.ref(self))
 
     async def _maintain_once(self) -> None:
         now = time.monotonic()
@@ -598,7 +594,7 @@ class ResilientPool(Operations):
         self._wake_connector()
 
 
-async def _maintain(ref: weakref.ref[ResilientPool], *, once: bool = False) -> None:
+async def _maintain(ref: weakref.ref[ResilientPool]) -> None:
     """The pool's background loop; holds only a weak reference to the pool."""
     while True:
         pool = ref()
@@ -612,6 +608,4 @@ async def _maintain(ref: weakref.ref[ResilientPool], *, once: bool = False) -> N
         except Exception:
             logger.exception("pool %r: heartbeat failed; carrying on", pool.name)
         del pool
-        if once:
-            return
         await anyio.sleep(tick)
