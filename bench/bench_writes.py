@@ -135,7 +135,7 @@ async def main(seconds: float, json_path: Path | None) -> None:
             f"{by_c[16]:,.0f}/s | {by_c[16] / base[16]:.2f} |"
         )
     if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
+        await asyncio.to_thread(json_path.write_text, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -161,13 +161,14 @@ class Operations:
 
         The statement runs in a transaction whose id is learnt in the same round trip
         (two round trips in all; parameters are bound client-side, as psycopg's
-        `ClientCursor` does, to send BEGIN, the statement and the id query at once). A connection lost before COMMIT was sent means nothing
-        was applied: it is re-run. A COMMIT whose answer was lost is resolved through the
-        transaction id: committed -> the rowcount; aborted -> re-run; unknowable ->
-        `CommitUnknown`. Statements that cannot run in a transaction block (``VACUUM``,
-        ``CREATE INDEX CONCURRENTLY``) run once in autocommit, and a connection lost then
-        raises `ConnectionLost`. With ``idempotent=True`` the caller vouches that running
-        it twice is harmless: it is replayed like a read, in one round trip.
+        `ClientCursor` does, to send BEGIN, the statement and the id query at once).
+        A connection lost before COMMIT was sent means nothing was applied: it is
+        re-run. A COMMIT whose answer was lost is resolved through the transaction id:
+        committed -> the rowcount; aborted -> re-run; unknowable -> `CommitUnknown`.
+        Statements that cannot run in a transaction block (``VACUUM``, ``CREATE INDEX
+        CONCURRENTLY``) run once in autocommit, and a connection lost then raises
+        `ConnectionLost`. With ``idempotent=True`` the caller vouches that running it
+        twice is harmless: it is replayed like a read, in one round trip.
         """
         return await self._run(Statement(query, params, _rowcount), idempotent)
 
