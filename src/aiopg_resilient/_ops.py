@@ -202,42 +202,72 @@ class Operations:
 
     async def _write(self, stmt: Statement[T]) -> T:
         """Run *stmt* so that it is applied exactly once (see `execute`)."""
+
+        async def body(conn: AsyncConnection[Any]) -> tuple[T, str | None, str | None]:
+            # One round trip: BEGIN, the statement and the transaction's id, sent as one
+            # simple query (client-side binding). Cheaper than psycopg's pipeline mode,
+            # which pays a TLS write per statement.
+            cur = AsyncClientCursor(conn)
+            text = cur.mogrify(stmt.query, stmt.params)
+            await cur.execute(f"BEGIN;\n{text}\n;\n{XID_QUERY}")
+            cur.nextset()
+            result = await stmt.collect(cur)
+            while cur.nextset():
+                pass
+            row = await cur.fetchone()
+            return (result, row[0], row[1]) if row is not None else (result, None, None)
+
+        try:
+            return await self._transact(body, rerun_conflicts=False)
+        except psycopg.Error as exc:
+            if exc.sqlstate != _NOT_IN_A_BLOCK:
+                raise
+        return await self._once(stmt.run)
+
+    async def _transact(
+        self,
+        body: Callable[[AsyncConnection[Any]], Awaitable[tuple[T, str | None, str | None]]],
+        *,
+        rerun_conflicts: bool,
+    ) -> T:
+        """Run *body* (which opens a transaction and returns its result, xid and
+        timeline) and commit it; re-run it when it was proven not applied, and, with
+        *rerun_conflicts*, after a serialization failure or a deadlock."""
         attempts = _Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
             slot = await self._acquire(attempts.deadline)
             conn = slot.conn
             try:
-                # One round trip: BEGIN, the statement and the transaction's id, sent as
-                # one simple query (client-side binding). Cheaper than psycopg's pipeline
-                # mode, which pays a TLS write per statement.
-                cur = AsyncClientCursor(conn)
-                text = cur.mogrify(stmt.query, stmt.params)
-                await cur.execute(f"BEGIN;\n{text}\n;\n{XID_QUERY}")
-                cur.nextset()
-                result = await stmt.collect(cur)
-                while cur.nextset():
-                    pass
-                row = await cur.fetchone()
+                result, xid, timeline = await body(conn)
             except Exception as exc:
-                if conn.broken or classify(exc).retryable:
+                failure = classify(exc)
+                if conn.broken and isinstance(exc, psycopg.Error):
+                    failure = Failure.CONNECTION
+                if failure.retryable:
                     # COMMIT was never sent: the server rolls the transaction back.
                     await self._lost(slot, exc)
-                    self._counters["retries"] += 1
-                    await attempts.again(exc)
-                    continue
-                await self._rollback_and_release(slot)
-                if isinstance(exc, psycopg.Error) and exc.sqlstate == _NOT_IN_A_BLOCK:
-                    return await self._once(stmt.run)
-                raise
+                elif failure is Failure.TRANSACTION and rerun_conflicts:
+                    await self._rollback_and_release(slot)
+                else:
+                    await self._rollback_and_release(slot)
+                    raise
+                self._counters["retries"] += 1
+                await attempts.again(exc, immediate_first=failure.retryable)
+                continue
             except BaseException:
                 await self._discard(slot)
                 raise
-            xid, timeline = row if row is not None else (None, None)
-            if await self._commit(slot, xid, timeline, attempts.deadline):
+            try:
+                committed = await self._commit(slot, xid, timeline, attempts.deadline)
+            except psycopg.Error as exc:
+                if not (rerun_conflicts and classify(exc) is Failure.TRANSACTION):
+                    raise
+                committed = False  # serialization failure at COMMIT: rolled back
+            if committed:
                 return result
             self._counters["retries"] += 1
-            await attempts.again(ConnectionLost("commit resolved as aborted"))
+            await attempts.again(ConnectionLost("transaction aborted"), immediate_first=False)
 
     async def _once(self, op: Op[T]) -> T:
         """Run *op* once in autocommit; a connection loss raises ConnectionLost."""
@@ -423,39 +453,11 @@ class Operations:
         (40001) or deadlock (40P01). It is never re-run after a commit, so it must keep
         its side effects inside the transaction.
         """
-        attempts = _Attempts(self.retry, self._rng)
-        while True:
-            attempts.count += 1
-            slot = await self._acquire(attempts.deadline)
-            conn = slot.conn
-            try:
-                await conn.set_autocommit(False)
-                result = await fn(conn, *args, **kwargs)
-                xid, timeline = await self._learn_xid(conn)
-            except Exception as exc:
-                failure = classify(exc)
-                if conn.broken and isinstance(exc, psycopg.Error):
-                    failure = Failure.CONNECTION
-                if failure.retryable:
-                    await self._lost(slot, exc)
-                elif failure is Failure.TRANSACTION:
-                    await self._rollback_and_release(slot)
-                else:
-                    await self._rollback_and_release(slot)
-                    raise
-                self._counters["retries"] += 1
-                await attempts.again(exc, immediate_first=failure is not Failure.TRANSACTION)
-                continue
-            except BaseException:
-                await self._discard(slot)
-                raise
-            try:
-                committed = await self._commit(slot, xid, timeline, attempts.deadline)
-            except psycopg.Error as exc:
-                if classify(exc) is not Failure.TRANSACTION:
-                    raise
-                committed = False  # serialization failure at COMMIT: rolled back
-            if committed:
-                return result
-            self._counters["retries"] += 1
-            await attempts.again(ConnectionLost("transaction aborted"), immediate_first=False)
+
+        async def body(conn: AsyncConnection[Any]) -> tuple[T, str | None, str | None]:
+            await conn.set_autocommit(False)
+            result = await fn(conn, *args, **kwargs)
+            xid, timeline = await self._learn_xid(conn)
+            return result, xid, timeline
+
+        return await self._transact(body, rerun_conflicts=True)

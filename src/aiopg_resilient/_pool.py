@@ -10,7 +10,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -42,7 +42,7 @@ Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 # A refused connect (nothing listens) costs the server nothing: no backend, no TLS
 # handshake. Probing it at most this far apart lets a restarted server be used again
 # within this time; every other failure backs off up to the policy's max_delay.
-REFUSED_PROBE_CAP = 0.2
+REFUSED_PROBE_CAP = 0.15
 
 
 def _is_refused(exc: BaseException) -> bool:
@@ -60,11 +60,13 @@ class _Slot:
     next_check: float = 0.0
 
 
-@dataclass(eq=False)
-class _Waiter:
-    event: anyio.Event = field(default_factory=anyio.Event)
-    slot: _Slot | None = None
-    error: BaseException | None = None
+class _Expired(Exception):
+    """A waiter's time ran out (internal)."""
+
+
+def _expire(fut: asyncio.Future[_Slot]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 class ResilientPool(Operations):
@@ -140,7 +142,10 @@ class ResilientPool(Operations):
         self._closed = False
         self._slots: set[_Slot] = set()
         self._idle: deque[_Slot] = deque()
-        self._waiters: deque[_Waiter] = deque()
+        # Callers waiting for a connection, first come first served. A plain future per
+        # waiter (and a loop timer for its deadline) costs a fraction of an anyio Event
+        # plus a cancel scope, on the path every caller takes when the pool is busy.
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
         self._connecting = 0
         self._down = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -227,10 +232,7 @@ class ResilientPool(Operations):
         for task in list(self._tasks):
             with suppress(BaseException):
                 await task
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.error = PoolClosed(f"pool {self.name!r} was closed")
-            waiter.event.set()
+        self._fail_waiters(PoolClosed(f"pool {self.name!r} was closed"))
         while self._idle:
             await self._close_slot(self._idle.pop())
         logger.info("pool %r closed", self.name)
@@ -355,7 +357,8 @@ class ResilientPool(Operations):
                 backoff = Backoff(self.retry, self._rng)
             delay = backoff.next()
             if _is_refused(exc):
-                delay = min(delay, REFUSED_PROBE_CAP * testing_scale())
+                cap = REFUSED_PROBE_CAP * self._rng.uniform(0.5, 1.0)  # jittered too
+                delay = min(delay, cap * testing_scale())
             logger.debug("pool %r retrying connect in %.3fs", self.name, delay)
             await anyio.sleep(delay)
 
@@ -384,8 +387,8 @@ class ResilientPool(Operations):
     def _fail_waiters(self, exc: BaseException) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
-            waiter.error = exc
-            waiter.event.set()
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     # -- acquire / release -----------------------------------------------------------
 
@@ -393,11 +396,9 @@ class ResilientPool(Operations):
         """Hand a healthy connection to the first waiter, or make it idle."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if waiter.event.is_set():
-                continue
-            waiter.slot = slot
-            waiter.event.set()
-            return
+            if not waiter.done():  # skip callers that gave up
+                waiter.set_result(slot)
+                return
         self._idle.append(slot)
 
     async def _take_idle(self) -> _Slot | None:
@@ -419,40 +420,38 @@ class ResilientPool(Operations):
         slot = await self._take_idle()
         if slot is not None:
             return slot
-        waiter = _Waiter()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Slot] = loop.create_future()
         failures_before = self._counters["connect_failures"]
         self._waiters.append(waiter)
         self._wake_connector()
         now = time.monotonic()
         wait = deadline - now if self._down else min(deadline - now, self.acquire_timeout)
+        timer = loop.call_later(max(wait, 0.0), _expire, waiter)
         try:
-            with anyio.fail_after(max(wait, 0.0)):
-                await waiter.event.wait()
+            return await waiter
         except BaseException as exc:
-            if waiter.slot is not None:
-                self._put(waiter.slot)  # handed over just as we gave up
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._put(waiter.result())  # handed over just as we gave up
             else:
-                waiter.event.set()
                 with suppress(ValueError):
                     self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                if self._down or (self._last_error is not None and len(self._slots) == 0):
-                    raise DatabaseUnavailable(
-                        f"database {self._target} unreachable: {self._last_error}",
-                        attempts=max(1, self._counters["connect_failures"] - failures_before),
-                        last_error=self._last_error,
-                    ) from self._last_error
-                self._counters["acquire_timeouts"] += 1
-                raise PoolTimeout(
-                    f"no connection free in pool {self.name!r} within {wait:.3f}s "
-                    f"(size={len(self._slots)}, max_size={self.max_size}, "
-                    f"waiting={len(self._waiters)})"
-                ) from None
-            raise
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.slot is not None
-        return waiter.slot
+            if not isinstance(exc, _Expired):
+                raise
+            if self._down or (self._last_error is not None and len(self._slots) == 0):
+                raise DatabaseUnavailable(
+                    f"database {self._target} unreachable: {self._last_error}",
+                    attempts=max(1, self._counters["connect_failures"] - failures_before),
+                    last_error=self._last_error,
+                ) from self._last_error
+            self._counters["acquire_timeouts"] += 1
+            raise PoolTimeout(
+                f"no connection free in pool {self.name!r} within {wait:.3f}s "
+                f"(size={len(self._slots)}, max_size={self.max_size}, "
+                f"waiting={len(self._waiters)})"
+            ) from None
+        finally:
+            timer.cancel()
 
     async def _release(self, slot: _Slot) -> None:
         """Return a connection after use: idle if clean, else discarded."""
