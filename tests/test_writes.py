@@ -203,3 +203,32 @@ async def test_swallowed_error_in_block_is_not_committed(
                 with contextlib.suppress(psycopg.errors.DivisionByZero):
                     await conn.execute("SELECT 1/0")
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+
+
+async def test_write_safe_fetch_returns_rows(
+    pg: PostgresServer, tls_chaos_proxy: ChaosProxy, app_name: str, table: str
+) -> None:
+    """fetchone(..., idempotent=False) gets execute()'s treatment and still returns the row."""
+    async with _pool(tls_chaos_proxy, app_name) as pool:
+        await pool.fetchval("SELECT 1")
+        tls_chaos_proxy.on_client_message(b"COMMIT", "cut_before")
+        row = await pool.fetchone(
+            f"INSERT INTO {table} VALUES (%s, 5) RETURNING k, v", ("r",), idempotent=False
+        )
+        assert row == ("r", 5)
+        assert pool.stats.retries == 1
+    assert await _count(pg, table) == 1
+
+
+async def test_statement_error_in_execute_leaves_a_clean_connection(
+    pg: PostgresServer, app_name: str, table: str
+) -> None:
+    """A failing write is rolled back, reaches the caller untouched, and the connection
+    goes back to the pool outside any transaction."""
+    async with pool_for(pg.dsn, app_name, max_size=1) as pool:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            await pool.execute(f"INSERT INTO {table} VALUES ('a', %s::text::int)", ("x",))
+        assert await pool.execute(f"INSERT INTO {table} VALUES ('b', 1)") == 1
+        assert pool.stats.connects == 1
+        assert pool.stats.retries == 0
+    assert await pg.execute(f"SELECT k FROM {table}") == [("b",)]
