@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import psycopg
 import pytest
 
 from aiopg_resilient import DatabaseUnavailable, ResilientPool, RetryPolicy
@@ -224,3 +225,28 @@ async def test_long_outage_gives_database_unavailable_single_flight(
         # ... and the server is used again as soon as it is back.
         with anyio.fail_after(2):
             assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_too_many_connections_is_waited_out(pg: PostgresServer, app_name: str) -> None:
+    """ "too many connections" (53300) is retried with backoff: the read succeeds once a
+    slot frees up, with no error for the caller."""
+    role = f"limited_{app_name}"
+    await pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 1")
+    try:
+        dsn = pg.conninfo(user=role, password="pw")
+        hog = await psycopg.AsyncConnection.connect(dsn)
+        async with pool_for(dsn, app_name, min_size=0, max_size=1) as pool:
+
+            async def free_slot_soon() -> None:
+                await anyio.sleep(0.5)
+                await hog.close()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(free_slot_soon)
+                with anyio.fail_after(5):
+                    assert await pool.fetchval("SELECT current_user") == role
+            assert pool.stats.connect_failures >= 1
+            assert pool.stats.last_error is not None
+            assert "too many connections" in pool.stats.last_error
+    finally:
+        await pg.execute(f"DROP ROLE IF EXISTS {role}")
