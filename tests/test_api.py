@@ -87,3 +87,12 @@ def test_py_typed_is_shipped() -> None:
     from importlib.resources import files
 
     assert files("aiopg_resilient").joinpath("py.typed").is_file()
+
+
+def test_testing_classes_show_as_public() -> None:
+    """The testing helpers show as aiopg_resilient.testing.X in tracebacks and reprs."""
+    for name in testing.__all__:
+        obj = getattr(testing, name)
+        if inspect.isclass(obj):
+            assert obj.__module__ == "aiopg_resilient.testing", name
+            assert inspect.getdoc(obj), name

@@ -25,7 +25,8 @@ from aiopg_resilient.testing import (
     ServerControlUnavailable,
     ServerUnavailable,
 )
-from aiopg_resilient.testing._server import ENV_BINDIR, ENV_DSN, _docker_usable
+from aiopg_resilient.testing._backends import ENV_DSN
+from aiopg_resilient.testing._discovery import ENV_BINDIR, _docker_usable
 
 needs_control = pytest.mark.skipif(
     bool(os.environ.get(ENV_DSN)), reason=f"{ENV_DSN} names a server we cannot control"

@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 from .._retry import fast_retries
 
 if TYPE_CHECKING:
-    from ._proxy import ChaosProxy, ProxyConnection, ProxyStats, Trigger
-    from ._server import PostgresServer, ServerControlUnavailable, ServerUnavailable
+    from ._errors import ServerControlUnavailable, ServerUnavailable
+    from ._proxy import ChaosProxy
+    from ._server import PostgresServer
+    from ._snapshots import ProxyConnection, ProxyStats
+    from ._trigger import Trigger
 
 __all__ = [
     "ChaosProxy",
@@ -28,12 +31,12 @@ __all__ = [
 
 _WHERE = {
     "ChaosProxy": "._proxy",
-    "ProxyConnection": "._proxy",
-    "ProxyStats": "._proxy",
-    "Trigger": "._proxy",
+    "ProxyConnection": "._snapshots",
+    "ProxyStats": "._snapshots",
+    "Trigger": "._trigger",
     "PostgresServer": "._server",
-    "ServerControlUnavailable": "._server",
-    "ServerUnavailable": "._server",
+    "ServerControlUnavailable": "._errors",
+    "ServerUnavailable": "._errors",
 }
 
 
