@@ -537,11 +537,19 @@ class ResilientPool(Operations):
             return
         for slot in slots:
             self._idle.remove(slot)
-        async with anyio.create_task_group() as tg:
-            for slot in slots:
-                tg.start_soon(self._ping, slot)
+        unpinged = set(slots)
+        try:
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(self._ping, slot, unpinged)
+        finally:
+            # Cancelled before some pings even started: those connections are as good
+            # as they were, back to the pool with them.
+            for slot in unpinged:
+                self._put(slot)
 
-    async def _ping(self, slot: _Slot) -> None:
+    async def _ping(self, slot: _Slot, unpinged: set[_Slot]) -> None:
+        unpinged.discard(slot)
         self._counters["heartbeats"] += 1
         error: BaseException | None = None
         try:
