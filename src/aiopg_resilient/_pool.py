@@ -338,7 +338,6 @@ class ResilientPool(Operations):
             if need <= 0:
                 return
             batch = 1 if self._down else need
-            self._connecting += batch
             failures: list[BaseException] = []
             if batch == 1:
                 await self._attempt(failures)
@@ -363,19 +362,17 @@ class ResilientPool(Operations):
             await anyio.sleep(delay)
 
     async def _attempt(self, failures: list[BaseException]) -> None:
+        self._connecting += 1
         try:
             conn = await self._connect()
         except Exception as exc:
-            self._connecting -= 1
             self._note_connect_failure(exc)
             failures.append(exc)
             level = logging.ERROR if classify(exc) is Failure.FATAL else logging.WARNING
             logger.log(level, "pool %r: connect to %s failed: %s", self.name, self._target, exc)
             return
-        except BaseException:
+        finally:
             self._connecting -= 1
-            raise
-        self._connecting -= 1
         if self._down:
             logger.info("pool %r: %s is reachable again", self.name, self._target)
         self._down = False
