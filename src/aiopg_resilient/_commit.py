@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["RESOLVE_QUERY", "XID_QUERY", "Step", "Verdict", "decide"]
+__all__ = ["RESOLVE_QUERY", "TERMINATE_QUERY", "XID_QUERY", "Step", "Verdict", "decide"]
 
 # The timeline of the server we talk to, or NULL on a standby. A failover moves the
 # primary to a new timeline; a transaction id learnt on the old one says nothing there.

@@ -1,4 +1,4 @@
-"""Connection strings: validation, resilience defaults and redaction. Pure, no I/O."""
+"""Connection strings: validation, resilience defaults, secret-free labels. Pure, no I/O."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["CONNECTION_DEFAULTS", "apply_defaults", "describe", "redact", "validate"]
+__all__ = ["CONNECTION_DEFAULTS", "apply_defaults", "describe", "validate"]
 
 # Applied unless the DSN, the connect kwargs or the matching PG* environment variable set
 # them. Together with the heartbeat they bound how long a dead peer can go unnoticed:
@@ -29,8 +29,6 @@ CONNECTION_DEFAULTS: Mapping[str, str] = {
     "connect_timeout": "5",
 }
 _ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT", "application_name": "PGAPPNAME"}
-_SECRET_KEYS = ("password", "sslpassword")
-REDACTED = "***"
 
 
 def validate(conninfo: str) -> dict[str, str]:
@@ -63,18 +61,6 @@ def apply_defaults(
             continue
         extra[key] = value
     return make_conninfo(conninfo, **extra)
-
-
-def redact(conninfo: str) -> str:
-    """*conninfo* as a ``key=value`` string with every secret replaced by ``***``."""
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "<invalid connection string>"
-    for key in _SECRET_KEYS:
-        if key in params:
-            params[key] = REDACTED
-    return make_conninfo("", **params)
 
 
 def describe(conninfo: str) -> str:
