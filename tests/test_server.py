@@ -380,3 +380,32 @@ def test_killed_owner_leaves_no_server_behind() -> None:
     assert result["root"].startswith(os.sep)
     assert result["left"] == []
     assert not result["root_exists"]
+
+
+_STANDBY_VICTIM = (
+    "from aiopg_resilient.testing import PostgresServer\n"
+    "server = PostgresServer(ssl=False)\n"
+    "server.open_sync()\n"
+    "standby = server.start_standby_sync()\n"
+    "assert standby.data_dir is not None\n"
+    "print(standby.data_dir.parent, flush=True)\n"
+    "import time; time.sleep(60)\n"
+)
+
+
+@needs_control
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a Linux subreaper")
+def test_killed_owner_leaves_no_standby_behind() -> None:
+    """When the owner of a primary and its standby is SIGKILLed, both servers are gone and
+    the standby's directory is removed, by their watchdogs."""
+    out = subprocess.run(
+        [sys.executable, "-c", _REAPER, _STANDBY_VICTIM],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert "standby" in result["root"]
+    assert result["left"] == []
+    assert not result["root_exists"]

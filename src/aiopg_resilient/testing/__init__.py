@@ -1,4 +1,4 @@
-"""Test helpers: a throwaway PostgreSQL server with TLS and a fault-injecting proxy.
+"""Test helpers: a throwaway PostgreSQL server with TLS (and standbys), a fault-injecting proxy.
 
 Names are imported on first use, so importing this package (as the pytest plugin does)
 needs none of the optional test dependencies (trustme) until a server is actually used.
@@ -14,6 +14,7 @@ from .._retry import fast_retries
 if TYPE_CHECKING:
     from ._errors import ServerControlUnavailable, ServerUnavailable
     from ._proxy import ChaosProxy
+    from ._replica import StandbyServer
     from ._server import PostgresServer
     from ._snapshots import ProxyConnection, ProxyStats
     from ._trigger import Trigger
@@ -25,6 +26,7 @@ __all__ = [
     "ProxyStats",
     "ServerControlUnavailable",
     "ServerUnavailable",
+    "StandbyServer",
     "Trigger",
     "fast_retries",
 ]
@@ -37,6 +39,7 @@ _WHERE = {
     "PostgresServer": "._server",
     "ServerControlUnavailable": "._errors",
     "ServerUnavailable": "._errors",
+    "StandbyServer": "._replica",
 }
 
 

@@ -65,6 +65,19 @@ def _no_control(what: str) -> ServerControlUnavailable:
     )
 
 
+def _local_only(what: str, backend: str) -> ServerControlUnavailable:
+    """The error for what only the ``local`` backend (our own data directory) can do."""
+    where = (
+        f"an existing server named by {ENV_DSN}, which it cannot control"
+        if backend == "env"
+        else f"the {backend} backend"
+    )
+    return ServerControlUnavailable(
+        f"{what} needs the local backend (PostgreSQL server binaries on this machine); "
+        f"this PostgresServer uses {where}"
+    )
+
+
 class _Backend:
     """What `PostgresServer` delegates to. The base class is a server it cannot control."""
 
@@ -101,6 +114,10 @@ class _Backend:
 
     def stop(self, mode: StopMode, timeout: float) -> None:
         raise _no_control("stopping the server")
+
+    def recreate(self) -> None:
+        """Replace the cluster with a fresh one (initdb) behind the same address."""
+        raise _local_only("recreate()", self.name)
 
     def ssl_contexts(self) -> tuple[ssl_module.SSLContext, ssl_module.SSLContext]:
         raise _no_control("proxy_ssl_contexts()")

@@ -7,6 +7,7 @@ server with ``ssl=True`` is opened; written as files for the server, and turned 
 
 from __future__ import annotations
 
+import copy
 import ssl as ssl_module
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from ._errors import ServerUnavailable
 
 class _Tls:
     """A CA and a server certificate for localhost, 127.0.0.1 and ::1, written as files."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
 
     def __init__(self, directory: Path) -> None:
         try:
@@ -25,6 +30,15 @@ class _Tls:
             ) from exc
         self._ca = trustme.CA(organization_name="aiopg_resilient test CA")
         self._cert = self._ca.issue_cert("localhost", "127.0.0.1", "::1")
+        self._write(directory)
+
+    def copy_to(self, directory: Path) -> _Tls:
+        """The same CA and certificate, written again in ``directory`` (for a standby)."""
+        other = copy.copy(self)
+        other._write(directory)
+        return other
+
+    def _write(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         self.ca_path = directory / "ca.pem"
         self.cert_path = directory / "server.crt"

@@ -2,7 +2,8 @@
 
 ``backend="auto"`` picks ``env`` when ``AIOPG_RESILIENT_TEST_DSN`` is set, else ``local`` when
 server binaries are found (`_find_bindir`), else ``docker`` when Docker and testcontainers work
-(`_docker_usable`), else raises `ServerUnavailable` saying what to install.
+(`_docker_usable`), else raises `ServerUnavailable` saying what to install. `_check_arguments`
+validates the constructor's arguments before any of that.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def _docker_usable() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return result.returncode == 0
+
+
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _check_arguments(
+    backend: str, port: int | None, settings: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Validate `PostgresServer`'s arguments (ValueError); return a copy of the settings."""
+    if backend not in ("auto", "local", "env", "docker"):
+        raise ValueError(f"backend must be 'auto', 'local', 'env' or 'docker', not {backend!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port must be between 1 and 65535, not {port}")
+    checked = dict(settings or {})
+    for key, value in checked.items():
+        if not _SETTING_NAME.match(key):
+            raise ValueError(f"not a PostgreSQL setting name: {key!r}")
+        if not isinstance(value, str) or "\n" in value or "\r" in value or "\0" in value:
+            raise ValueError(f"setting {key!r} needs a one-line string value")
+    return checked
 
 
 def choose_backend(

@@ -21,7 +21,9 @@ class ServerControlUnavailable(RuntimeError):
     """The server cannot be started, stopped or restarted by this `PostgresServer`.
 
     Raised by the fault methods and `PostgresServer.proxy_ssl_contexts` on the ``env`` backend
-    (an existing server named by ``AIOPG_RESILIENT_TEST_DSN``), which this library does not own.
+    (an existing server named by ``AIOPG_RESILIENT_TEST_DSN``), which this library does not own;
+    and by `PostgresServer.recreate` and `PostgresServer.start_standby` on any backend but
+    ``local`` (they need the server binaries and the data directory on this machine).
     """
 
 

@@ -103,9 +103,10 @@ class _LocalBackend(_ControlledBackend):
     # -- setup --
 
     def _child_kwargs(self) -> dict[str, Any]:
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-        for key in ("PGDATA", "PGPORT", "PGHOST"):
-            env.pop(key, None)
+        # No PG* variables and our directory as HOME: libpq in pg_basebackup and in a standby's
+        # walreceiver must not use the caller's PGSSLCERT, ~/.postgresql/ (unreadable if root).
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        env.update(LC_ALL="C", LANG="C", HOME=str(self._root))
         kwargs: dict[str, Any] = {"env": env, "cwd": str(self._root), "stdin": subprocess.DEVNULL}
         if self._account is not None:
             uid, gid = self._account
@@ -121,48 +122,43 @@ class _LocalBackend(_ControlledBackend):
             for name in (*dirnames, *filenames):
                 os.chown(os.path.join(dirpath, name), uid, gid)
 
-    def open(self) -> None:
-        started = time.monotonic()
+    def _make_root(self, prefix: str) -> Path:
+        """Create our private temporary directory, with its watchdog, sockets and server log
+        (outside the data directory: it survives `recreate`, pg_basebackup does not copy it)."""
         tmp = "/tmp" if self._account is not None and os.path.isdir("/tmp") else None
-        self._root = root = Path(tempfile.mkdtemp(prefix="aiopg-resilient-pg-", dir=tmp))
+        self._root = root = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
         try:
             self._watchdog = _Watchdog(root)
         except OSError as exc:  # e.g. no sys.executable when embedded
             logger.warning("no watchdog for the test server (%s); relying on atexit", exc)
         self.data_dir = root / "data"
-        self.log_path = self.data_dir / "postgres.log"
+        self.log_path = root / "postgres.log"
         self._socket_dir = root / "sockets"
         self._socket_dir.mkdir(mode=0o700)
-        if self.ssl:
-            self._tls = _Tls(root / "tls")
-            self.ca_path = self._tls.ca_path
-        pwfile = root / "pwfile"
-        pwfile.touch(mode=0o600)
-        pwfile.write_text(self.password + "\n")
-        self._chown_tree(root)
+        return root
+
+    def _run(self, args: list[str], what: str) -> None:
+        """Run a server program as the server's OS user; RuntimeError with its output on failure."""
         result = subprocess.run(
-            [
-                str(self._bindir / "initdb"),
-                "--pgdata",
-                str(self.data_dir),
-                "--username",
-                _SUPERUSER,
-                f"--pwfile={pwfile}",
-                "--auth=scram-sha-256",
-                "--encoding=UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
+            args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=120,
             check=False,
             **self._child_kwargs(),
         )
-        pwfile.unlink()
         if result.returncode != 0:
             output = result.stdout.decode("utf-8", "replace")[-4000:]
-            raise RuntimeError(f"initdb failed (exit code {result.returncode}):\n{output}")
+            raise RuntimeError(f"{what} failed (exit code {result.returncode}):\n{output}")
+
+    def open(self) -> None:
+        started = time.monotonic()
+        root = self._make_root("aiopg-resilient-pg-")
+        if self.ssl:
+            self._tls = _Tls(root / "tls")
+            self.ca_path = self._tls.ca_path
+        self._chown_tree(root)
+        self._initdb()
         self._write_config()
         self._spawn_ready()
         logger.info(
@@ -172,6 +168,43 @@ class _LocalBackend(_ControlledBackend):
             time.monotonic() - started,
             self.data_dir,
         )
+
+    def _initdb(self) -> None:
+        """Run initdb into `data_dir` (which must not exist), with our superuser and password."""
+        assert self._root is not None
+        pwfile = self._root / "pwfile"
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(self.password + "\n")
+        if self._account is not None:
+            os.chown(pwfile, *self._account)
+        try:
+            self._run(
+                [
+                    str(self._bindir / "initdb"),
+                    f"--pgdata={self.data_dir}",
+                    f"--username={_SUPERUSER}",
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                "initdb",
+            )
+        finally:
+            pwfile.unlink()
+
+    def recreate(self) -> None:
+        """Stop (immediate), delete the data directory, initdb again, start on the same port."""
+        assert self.data_dir is not None
+        started = time.monotonic()
+        self.stop("immediate", _ESCALATION_TIMEOUT)
+        shutil.rmtree(self.data_dir)
+        self._initdb()
+        self._write_config()
+        self._spawn_ready()
+        elapsed = time.monotonic() - started
+        logger.info("PostgreSQL on port %d: a fresh cluster in %.2f s", self.port, elapsed)
 
     def _write_config(self) -> None:
         assert self.data_dir is not None

@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL server with TLS, for tests (ours and our users').
 
 `PostgresServer` runs a real server that tests can break on purpose: stop it, restart it,
-terminate its backends. Three backends can provide it:
+terminate its backends, replace its cluster, fail over to a standby (`StandbyServer`). Three
+backends can provide it:
 
 * ``local``: ``initdb`` + ``postgres`` from the server binaries installed on this machine, run
   in the foreground as a child process in a private temporary directory (as the ``postgres``
@@ -19,12 +20,9 @@ server binaries are found, else ``docker`` when usable, else raises `ServerUnava
 
 from __future__ import annotations
 
-import atexit
 import logging
-import re
 import ssl as ssl_module
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,39 +30,24 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ._admin import _query, _terminate_backends
 from ._backends import _MODES, StopMode, _Backend, _no_control
-from ._discovery import BackendName, choose_backend
+from ._discovery import BackendName, _check_arguments, choose_backend
 from ._errors import ServerControlUnavailable, ServerUnavailable
+from ._watchdog import _forget, _remember
 
 if TYPE_CHECKING:
     from psycopg.sql import SQL, Composed
+
+    from ._replica import StandbyServer
 
 __all__ = ["PostgresServer", "ServerControlUnavailable", "ServerUnavailable"]
 
 logger = logging.getLogger("aiopg_resilient.testing")
 
 _STOP_TIMEOUT = 30.0
-_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-
-
-# Backends that hold a process or container, closed at interpreter exit if still open.
-_OPEN_BACKENDS: set[_Backend] = set()
-_OPEN_LOCK = threading.Lock()
-
-
-@atexit.register
-def _close_leftovers() -> None:
-    with _OPEN_LOCK:
-        leftovers = list(_OPEN_BACKENDS)
-        _OPEN_BACKENDS.clear()
-    for backend in leftovers:
-        try:
-            backend.close()
-        except Exception:
-            logger.exception("could not close a leftover test PostgreSQL server")
 
 
 # --- public class -----------------------------------------------------------------------------
@@ -82,6 +65,9 @@ class PostgresServer:
         async with PostgresServer(settings={"idle_session_timeout": "1s"}) as pg:
             await pg.restart("fast")                  # every client gets AdminShutdown
             await pg.terminate_backends(application_name="worker")
+            await pg.recreate()                       # a new cluster behind the same dsn
+            async with await pg.start_standby() as standby:
+                await standby.promote()
 
     The async methods run their blocking work in a worker thread and never block the event
     loop (cancelling one waits for the step in progress to finish); each has a ``*_sync`` twin
@@ -106,19 +92,9 @@ class PostgresServer:
         settings: Mapping[str, str] | None = None,
         backend: BackendName = "auto",
     ) -> None:
-        if backend not in ("auto", "local", "env", "docker"):
-            raise ValueError(f"backend must be 'auto', 'local', 'env' or 'docker', not {backend!r}")
-        if port is not None and not 0 < port < 65536:
-            raise ValueError(f"port must be between 1 and 65535, not {port}")
-        settings = dict(settings or {})
-        for key, value in settings.items():
-            if not _SETTING_NAME.match(key):
-                raise ValueError(f"not a PostgreSQL setting name: {key!r}")
-            if not isinstance(value, str) or "\n" in value or "\r" in value or "\0" in value:
-                raise ValueError(f"setting {key!r} needs a one-line string value")
+        self._settings = _check_arguments(backend, port, settings)
         self._ssl = ssl
         self._port = port
-        self._settings = settings
         self._requested_backend: BackendName = backend
         self._backend: _Backend | None = None
         self._closed = False
@@ -133,18 +109,12 @@ class PostgresServer:
                 raise RuntimeError("this PostgresServer is closed; create a new one")
             if self._backend is not None:
                 return
-            backend = choose_backend(
-                self._requested_backend,
-                ssl=self._ssl,
-                port=self._port,
-                settings=self._settings,
-            )
-            with _OPEN_LOCK:
-                _OPEN_BACKENDS.add(backend)
+            backend = self._make_backend()
+            _remember(backend)
             try:
                 backend.open()
             except BaseException:
-                self._forget(backend)
+                _forget(backend)
                 backend.close()
                 raise
             self._backend = backend
@@ -153,24 +123,24 @@ class PostgresServer:
         """Async `open_sync`."""
         await anyio.to_thread.run_sync(self.open_sync)
 
+    def _make_backend(self) -> _Backend:
+        return choose_backend(
+            self._requested_backend, ssl=self._ssl, port=self._port, settings=self._settings
+        )
+
     def close_sync(self) -> None:
         """Stop the server (fast, then immediate, then SIGKILL) and delete its files."""
         with self._lock:
             self._closed = True
             backend, self._backend = self._backend, None
             if backend is not None:
-                self._forget(backend)
+                _forget(backend)
                 backend.close()
 
     async def close(self) -> None:
         """Async `close_sync`; not interrupted by cancellation."""
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self.close_sync)
-
-    @staticmethod
-    def _forget(backend: _Backend) -> None:
-        with _OPEN_LOCK:
-            _OPEN_BACKENDS.discard(backend)
 
     def __enter__(self) -> PostgresServer:
         self.open_sync()
@@ -185,7 +155,10 @@ class PostgresServer:
         self.close_sync()
 
     async def __aenter__(self) -> PostgresServer:
-        await self.open()
+        # No await once open: `async with await pg.start_standby()` must not be cancelled
+        # between the two, which would leave the standby open with nobody to close it.
+        if self._backend is None:
+            await self.open()
         return self
 
     async def __aexit__(
@@ -262,45 +235,56 @@ class PostgresServer:
         """Async `restart_sync`."""
         await anyio.to_thread.run_sync(lambda: self.restart_sync(mode))
 
+    def recreate_sync(self) -> None:
+        """Replace the cluster by a fresh one behind the same address; wait until ready.
+
+        Stops the server (immediate), deletes its data directory, runs initdb again (same
+        superuser and password, same certificate, settings and port) and starts it: `dsn`
+        still connects, but to a new cluster (another ``system_identifier``, no tables,
+        transaction ids and timeline 1 again).
+
+        Raises:
+            ServerControlUnavailable: on the ``env`` and ``docker`` backends, and on a standby.
+        """
+        with self._lock:
+            self._open_backend().recreate()
+
+    async def recreate(self) -> None:
+        """Async `recreate_sync`."""
+        await anyio.to_thread.run_sync(self.recreate_sync)
+
+    def start_standby_sync(self, *, synchronous: bool = False) -> StandbyServer:
+        """Start a hot standby of this (running) server and return it once it streams.
+
+        ``pg_basebackup -R`` through a replication slot, then a server on its own free port
+        with the same TLS certificate, superuser and password: ``standby.dsn`` is `dsn` with
+        another port (and its own copy of the CA file). With ``synchronous=True`` the primary
+        waits for it at every commit (see `StandbyServer.set_synchronous_sync`). Close it
+        (``with`` / ``async with``) to stop it, delete its files and leave this server as it
+        was (no synchronous mode, no slot).
+
+        Raises:
+            ServerControlUnavailable: on the ``env`` and ``docker`` backends.
+        """
+        from ._replica import StandbyServer
+
+        standby = StandbyServer(self, synchronous=synchronous)
+        standby.open_sync()
+        return standby
+
+    async def start_standby(self, *, synchronous: bool = False) -> StandbyServer:
+        """Async `start_standby_sync`: ``async with await pg.start_standby() as standby:``."""
+        return await anyio.to_thread.run_sync(
+            lambda: self.start_standby_sync(synchronous=synchronous)
+        )
+
     def terminate_backends_sync(self, application_name: str | None = None) -> int:
         """``pg_terminate_backend`` every client backend but our own; return how many died.
 
         With ``application_name``, only backends with that application name are terminated.
         Waits (up to 5 s each, on PostgreSQL 14 and later) until they have exited.
         """
-        with psycopg.connect(self._open_backend().admin_conninfo(), autocommit=True) as conn:
-            pids = [
-                pid
-                for (pid,) in conn.execute(
-                    "SELECT pid FROM pg_stat_activity"
-                    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                    " AND (%(name)s::text IS NULL OR application_name = %(name)s)",
-                    {"name": application_name},
-                )
-            ]
-            if not pids:
-                return 0
-            # Signal them all at once (as a restart or a failover would), then wait until
-            # every one has exited, so callers see the outcome when this returns.
-            killed = len(
-                [
-                    ok
-                    for (ok,) in conn.execute(
-                        "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", [pids]
-                    )
-                    if ok
-                ]
-            )
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s::int[])", [pids]
-                ).fetchone()
-                if row is None or row[0] == 0:
-                    break
-                time.sleep(0.005)
-        logger.info("terminated %d PostgreSQL backend(s)", killed)
-        return killed
+        return _terminate_backends(self._open_backend().admin_conninfo(), application_name)
 
     async def terminate_backends(self, application_name: str | None = None) -> int:
         """Async `terminate_backends_sync`."""
@@ -314,9 +298,7 @@ class PostgresServer:
         params: Sequence[Any] | Mapping[str, Any] | None = None,
     ) -> list[tuple[Any, ...]]:
         """Run one statement as superuser, in autocommit; return its rows (``[]`` if none)."""
-        with psycopg.connect(self._open_backend().admin_conninfo(), autocommit=True) as conn:
-            cur = conn.execute(sql, params)
-            return cur.fetchall() if cur.description is not None else []
+        return _query(self._open_backend().admin_conninfo(), sql, params)
 
     async def execute(
         self,
@@ -418,10 +400,10 @@ class PostgresServer:
         backend = self._backend
         if backend is None:
             state = "closed" if self._closed else "not open"
-            return f"<PostgresServer backend={self._requested_backend!r} {state}>"
+            return f"<{type(self).__name__} backend={self._requested_backend!r} {state}>"
         state = "running" if backend.running else "stopped"
         return (
-            f"<PostgresServer backend={backend.name!r} host={backend.host!r} "
+            f"<{type(self).__name__} backend={backend.name!r} host={backend.host!r} "
             f"port={backend.port} {state}>"
         )
 

@@ -1,16 +1,52 @@
-"""A watchdog process that stops a local test server and deletes its files if we die first.
+"""Cleaning up the servers tests leave open: at interpreter exit, or if we are killed first.
 
-See `_Watchdog`: atexit does not run when the test process is killed.
+Every open backend is remembered (`_remember`) until closed; atexit closes the leftovers. A
+local server also gets a `_Watchdog` process, since atexit does not run when the test process
+is killed.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from ._backends import _ESCALATION_TIMEOUT
+from ._backends import _ESCALATION_TIMEOUT, _Backend
+
+logger = logging.getLogger("aiopg_resilient.testing")
+
+# Backends that hold a process or container, closed at interpreter exit if still open.
+_OPEN_BACKENDS: set[_Backend] = set()
+_OPEN_LOCK = threading.Lock()
+
+
+def _remember(backend: _Backend) -> None:
+    """Close this backend at interpreter exit unless `_forget` is called first."""
+    with _OPEN_LOCK:
+        _OPEN_BACKENDS.add(backend)
+
+
+def _forget(backend: _Backend) -> None:
+    """The backend is closed (or being closed): nothing left for atexit."""
+    with _OPEN_LOCK:
+        _OPEN_BACKENDS.discard(backend)
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    with _OPEN_LOCK:
+        leftovers = list(_OPEN_BACKENDS)
+        _OPEN_BACKENDS.clear()
+    for backend in leftovers:
+        try:
+            backend.close()
+        except Exception:
+            logger.exception("could not close a leftover test PostgreSQL server")
+
 
 _WATCHDOG_SCRIPT = """# aiopg_resilient.testing watchdog
 import os, shutil, signal, sys, time

@@ -5,6 +5,8 @@ Installed with the package (entry point ``pytest11``), so a test suite gets:
 * ``pg_server`` (session): a `PostgresServer`, started once for the session.
 * ``pg``: the same server, started again first if an earlier test stopped it.
 * ``pg_dsn``: its DSN (``sslmode=verify-full``, password auth).
+* ``pg_standby``: a hot standby of it (`StandbyServer`), closed after the test, which leaves
+  the primary as it was (no synchronous mode, no replication slot); local backend only.
 * ``chaos_proxy``: a started `ChaosProxy` in front of it (TLS passes through end to end).
 * ``tls_chaos_proxy``: the same, terminating TLS itself (clients keep ``verify-full``).
 
@@ -25,9 +27,12 @@ import pytest
 
 if TYPE_CHECKING:
     from ._proxy import ChaosProxy
+    from ._replica import StandbyServer
     from ._server import PostgresServer
 
-_POSTGRES_FIXTURES = frozenset({"pg_server", "pg", "pg_dsn", "chaos_proxy", "tls_chaos_proxy"})
+_POSTGRES_FIXTURES = frozenset(
+    {"pg_server", "pg", "pg_dsn", "pg_standby", "chaos_proxy", "tls_chaos_proxy"}
+)
 _CHAOS_FIXTURES = frozenset({"chaos_proxy", "tls_chaos_proxy"})
 _LOG_MAX_BYTES = 64 * 1024
 _log_start = pytest.StashKey["tuple[PostgresServer, int]"]()
@@ -119,6 +124,19 @@ def pg(pg_server: PostgresServer, request: pytest.FixtureRequest) -> PostgresSer
 def pg_dsn(pg: PostgresServer) -> str:
     """DSN of the running server: password auth, ``sslmode=verify-full``."""
     return pg.dsn
+
+
+@pytest.fixture
+def pg_standby(pg: PostgresServer) -> Iterator[StandbyServer]:
+    """A streaming hot standby of `pg`; closing it afterwards undoes synchronous mode."""
+    from ._errors import ServerControlUnavailable
+
+    try:
+        standby = pg.start_standby_sync()
+    except ServerControlUnavailable as exc:
+        pytest.skip(f"pg_standby: {exc}")
+    with standby:
+        yield standby
 
 
 @pytest.fixture
