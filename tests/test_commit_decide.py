@@ -2,39 +2,85 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from aiopg_resilient._commit import Step, decide
+from aiopg_resilient._commit import Incarnation, Pending, Probe, Step, decide
 
-TL = "00000001"
+THEN = Incarnation(system_id="7713", timeline="00000001", started="100.5", crash_mark="99.1")
+PENDING = Pending(xid=726, pid=4242, incarnation=THEN)
 
 
 def _step(
     status: str | None,
     *,
-    then: str | None = TL,
-    now: str | None = TL,
+    now: Incarnation = THEN,
     holder: str | None = None,
-    waited: float = 0.0,
+    has_xid: bool | None = True,
+    then: Incarnation = THEN,
 ) -> Step:
-    return decide(status, then, now, holder, waited=waited, patience=5.0).step
+    pending = replace(PENDING, incarnation=then)
+    return decide(pending, Probe(status, now, holder, has_xid)).step
 
 
 def test_committed_and_aborted_are_final() -> None:
-    """The server's answer is the outcome: committed or aborted."""
+    """Guarantee 2: same incarnation, the server's answer is the outcome."""
     assert _step("committed") is Step.COMMITTED
     assert _step("aborted") is Step.ABORTED
 
 
 def test_another_timeline_is_unknown() -> None:
-    """After a failover the xid means nothing on the new timeline: never guess."""
-    assert _step("committed", then=TL, now="00000002") is Step.UNKNOWN
-    assert _step("aborted", then=TL, now="00000002") is Step.UNKNOWN
+    """Guarantee 12: after a failover the xid means nothing on the new timeline."""
+    now = replace(THEN, timeline="00000002")
+    assert _step("committed", now=now) is Step.UNKNOWN
+    assert _step("aborted", now=now) is Step.UNKNOWN
 
 
 def test_standby_is_unknown() -> None:
-    """Reconnected to a standby (no timeline of its own): cannot tell."""
-    assert _step("committed", now=None) is Step.UNKNOWN
+    """Guarantee 12: reconnected to a standby (no timeline of its own): cannot tell."""
+    assert _step("committed", now=replace(THEN, timeline=None)) is Step.UNKNOWN
+
+
+def test_another_cluster_is_unknown() -> None:
+    """Guarantee 12: another cluster behind the same address (same timeline number 1):
+    its statuses say nothing about our ids, whatever they say."""
+    other = replace(THEN, system_id="9999")
+    for status in ("committed", "aborted", "in progress"):
+        assert _step(status, now=other, holder="idle in transaction") is Step.UNKNOWN
+    assert _step("committed", then=replace(THEN, system_id=None)) is Step.UNKNOWN
+
+
+def test_after_crash_recovery_committed_is_unknown() -> None:
+    """Guarantee 12: after crash recovery ids are handed out again: 'committed' may be
+    another transaction's, so it is never taken as ours."""
+    crashed = replace(THEN, started="200.0", crash_mark="199.9")
+    assert _step("committed", now=crashed) is Step.UNKNOWN
+    # A backend crash reinitialises the server without a new postmaster start time.
+    reinit = replace(THEN, crash_mark="150.0")
+    assert _step("committed", now=reinit) is Step.UNKNOWN
+    # No crash marker to compare: assume the worst.
+    assert _step("committed", then=replace(THEN, crash_mark=None)) is Step.UNKNOWN
+
+
+def test_after_crash_recovery_not_committed_is_aborted() -> None:
+    """Guarantee 2: a committed id is never reused (its commit record was on disk), so
+    after crash recovery 'aborted' or 'in progress' (a reused id, running) proves ours
+    did not commit: safe to re-run."""
+    crashed = replace(THEN, started="200.0", crash_mark="199.9")
+    assert _step("aborted", now=crashed) is Step.ABORTED
+    assert _step("in progress", now=crashed, holder="active") is Step.ABORTED
+    assert _step(None, now=crashed) is Step.UNKNOWN  # too old: cannot tell
+
+
+def test_clean_restart_keeps_statuses() -> None:
+    """A clean restart (restart -m fast) writes the next id to disk: no id is reused, the
+    status is the transaction's own."""
+    restarted = replace(THEN, started="300.0")
+    assert _step("committed", now=restarted) is Step.COMMITTED
+    assert _step("aborted", now=restarted) is Step.ABORTED
+    # The pid may belong to another backend now: never terminate on its word.
+    assert _step("in progress", now=restarted, holder="idle in transaction") is Step.WAIT
 
 
 def test_id_too_old_is_unknown() -> None:
@@ -44,17 +90,27 @@ def test_id_too_old_is_unknown() -> None:
 
 
 @pytest.mark.parametrize("state", ["idle in transaction", "idle in transaction (aborted)"])
-def test_half_open_holder_is_terminated(state: str) -> None:
+def test_idle_holder_is_terminated(state: str) -> None:
     """The COMMIT never reached a backend still alive and holding the xid: terminate it."""
     assert _step("in progress", holder=state) is Step.TERMINATE
+    assert _step("in progress", holder=state, has_xid=False) is Step.WAIT
 
 
-def test_busy_holder_is_waited_for_then_terminated() -> None:
-    """A backend busy committing (e.g. sync replication) is waited for, up to patience."""
-    assert _step("in progress", holder="active", waited=1.0) is Step.WAIT
-    assert _step("in progress", holder="active", waited=5.0) is Step.TERMINATE
+def test_busy_holder_is_never_terminated() -> None:
+    """Guarantee 13: a backend busy committing (a synchronous-replication wait, deferred
+    triggers) is waited for, however long: never cancelled nor terminated."""
+    assert _step("in progress", holder="active") is Step.WAIT
 
 
 def test_in_progress_without_holder_waits() -> None:
     """An exiting backend still shows the xid in progress for a moment: ask again."""
     assert _step("in progress", holder=None) is Step.WAIT
+
+
+def test_rows_are_parsed() -> None:
+    """The rows of XID_QUERY and RESOLVE_QUERY map onto Pending and Probe."""
+    assert Pending.from_row((None, 1, "s", "t", "u", "c")) is None
+    pending = Pending.from_row(("726", 4242, "7713", "00000001", "100.5", "99.1"))
+    assert pending == PENDING
+    probe = Probe.from_row(("committed", "7713", "00000001", "100.5", "99.1", "idle", None))
+    assert probe == Probe("committed", THEN, "idle", None)

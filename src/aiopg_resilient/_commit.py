@@ -1,17 +1,29 @@
-"""In-doubt commit resolution: what happened to a COMMIT whose answer was lost.
+"""In-doubt commit resolution, the pure part: what the server said, and what it proves.
 
 The protocol (see README, "Writes"):
 
-1. Before COMMIT is sent, learn the transaction id and the server's timeline in the same
-   round trip as the last statement when the layer runs it (``execute()``), or in one
-   extra round trip at the end of a block (``transaction()``, ``run_transaction()``,
-   ``connection()``): `XID_QUERY`. No id means the transaction wrote nothing: there is
-   nothing to resolve.
-2. Send COMMIT. If its answer arrives, done. If the connection dies (or the answer does
-   not come within ``heartbeat_timeout``: a half-open peer), the outcome is in doubt.
-3. On another connection, ask `RESOLVE_QUERY`: ``pg_xact_status(xid)``, the timeline, and
-   what the old backend is doing if it still holds that xid. `decide()` turns the answer
-   into committed, aborted, "terminate the old backend", "wait", or unknown.
+1. Before COMMIT is sent, learn `XID_QUERY` in the same round trip as the last statement
+   (``execute()``) or in one extra round trip at the end of a block: the transaction's
+   id, the backend's pid, and the *incarnation* of the server that issued the id (system
+   identifier, timeline, postmaster start time, and a crash marker). No id means the
+   transaction wrote nothing: there is nothing to resolve.
+2. Send COMMIT. If its answer comes, done. If the connection dies, or the answer is late
+   (``heartbeat_timeout``), ask `RESOLVE_QUERY` on another connection, and `decide()`.
+
+Why an incarnation: transaction ids that never reached the WAL are handed out again
+after crash recovery (``stop -m immediate``, a backend crash and the postmaster's
+reinitialisation), and another cluster behind the same address has its own ids. So a
+status is trusted only when the server that answers has the same history as the one that
+issued the id:
+
+- another system identifier, or another timeline (failover), or a standby now: unknown;
+- no crash recovery since the id was issued (the crash marker, ``pg_stat_bgwriter``'s
+  ``stats_reset``, is what crash recovery resets; a clean restart restores it): the status
+  is the transaction's own;
+- crash recovery since: a committed transaction's commit record was on disk, so after
+  any number of crashes its id is never handed out again and its status stays
+  "committed". Hence "aborted" or "in progress" (someone else's transaction with the
+  reused id) proves ours did not commit; "committed" may be someone else's: unknown.
 
 Never infer the outcome from a lost answer: only the server's transaction status counts.
 """
@@ -21,29 +33,106 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["RESOLVE_QUERY", "TERMINATE_QUERY", "XID_QUERY", "Step", "Verdict", "decide"]
+__all__ = [
+    "RESOLVE_QUERY",
+    "TERMINATE_QUERY",
+    "XID_QUERY",
+    "Incarnation",
+    "Pending",
+    "Probe",
+    "Step",
+    "Verdict",
+    "decide",
+]
 
-# The timeline of the server we talk to, or NULL on a standby. A failover moves the
-# primary to a new timeline; a transaction id learnt on the old one says nothing there.
-_TIMELINE = (
+# The incarnation of the server, as text columns: its system identifier, its timeline
+# (NULL on a standby), its start time, and the crash marker. Epochs, not timestamps as
+# text, so that a session's TimeZone or DateStyle does not change the answer.
+_INCARNATION = (
+    "(SELECT system_identifier::text FROM pg_control_system()) AS system_id, "
     "CASE WHEN pg_is_in_recovery() THEN NULL "
-    "ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END"
+    "ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END AS timeline, "
+    "extract(epoch FROM pg_postmaster_start_time())::text AS started, "
+    "(SELECT extract(epoch FROM stats_reset)::text FROM pg_stat_bgwriter) AS crash_mark"
 )
 
-XID_QUERY = f"SELECT pg_current_xact_id_if_assigned()::text, {_TIMELINE}"
+XID_QUERY = (
+    f"SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, {_INCARNATION}"
+)
 
-# Status of the transaction, the timeline now, and the state of the old backend if it is
-# still alive and still holds the transaction (a half-open connection).
+# The status of the transaction, the incarnation now, and the state of the old backend
+# (if it still exists, and whether it still holds the transaction). An id at or past the
+# snapshot's xmax has not completed: pg_xact_status() would raise for an id that crash
+# recovery took back ("in the future"), so it is reported as in progress.
 RESOLVE_QUERY = (
-    f"SELECT pg_xact_status(%(xid)s::xid8), {_TIMELINE}, "
-    "(SELECT state FROM pg_stat_activity "
-    "WHERE pid = %(pid)s AND backend_xid = xid(%(xid)s::xid8))"
+    "SELECT CASE WHEN %(xid)s::xid8 < pg_snapshot_xmax(pg_current_snapshot()) "
+    "THEN pg_xact_status(%(xid)s::xid8) ELSE 'in progress' END, "
+    f"{_INCARNATION}, "
+    "(SELECT state FROM pg_stat_activity WHERE pid = %(pid)s), "
+    "(SELECT backend_xid = xid(%(xid)s::xid8) FROM pg_stat_activity WHERE pid = %(pid)s)"
 )
 
+# Only a backend that still holds the transaction and is idle in it: its COMMIT never
+# arrived. A backend busy with the COMMIT is never terminated.
 TERMINATE_QUERY = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-    "WHERE pid = %(pid)s AND backend_xid = xid(%(xid)s::xid8)"
+    "WHERE pid = %(pid)s AND backend_xid = xid(%(xid)s::xid8) "
+    "AND state LIKE 'idle in transaction%%'"
 )
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """Which server, in which life, answered a query."""
+
+    system_id: str | None
+    timeline: str | None
+    """None on a standby."""
+    started: str | None
+    crash_mark: str | None
+    """Moves when the server goes through crash recovery (ids may be reused after)."""
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> Incarnation:
+        system_id, timeline, started, crash_mark = (None if v is None else str(v) for v in row)
+        return cls(system_id, timeline, started, crash_mark)
+
+    def describe(self) -> str:
+        return f"system {self.system_id}, timeline {self.timeline}, started {self.started}"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What the layer knows of a transaction before it sends COMMIT."""
+
+    xid: int
+    pid: int
+    incarnation: Incarnation
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...] | None) -> Pending | None:
+        """From a row of `XID_QUERY`; None if the transaction has no id (wrote nothing)."""
+        if row is None or row[0] is None:
+            return None
+        return cls(int(str(row[0])), int(str(row[1])), Incarnation.from_row(tuple(row[2:6])))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One answer of `RESOLVE_QUERY`."""
+
+    status: str | None
+    incarnation: Incarnation
+    holder_state: str | None
+    """State of the old backend if a backend with its pid exists, else None."""
+    holder_has_xid: bool | None
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> Probe:
+        status = None if row[0] is None else str(row[0])
+        holder = None if row[5] is None else str(row[5])
+        has_xid = None if row[6] is None else bool(row[6])
+        return cls(status, Incarnation.from_row(tuple(row[1:5])), holder, has_xid)
 
 
 class Step(enum.Enum):
@@ -51,7 +140,9 @@ class Step(enum.Enum):
     ABORTED = "aborted"
     UNKNOWN = "unknown"
     TERMINATE = "terminate"
+    """The old backend is idle in the transaction: its COMMIT never arrived."""
     WAIT = "wait"
+    """The transaction is still running (a COMMIT being worked on): ask again."""
 
 
 @dataclass(frozen=True)
@@ -59,43 +150,55 @@ class Verdict:
     step: Step
     reason: str = ""
 
+    @property
+    def final(self) -> bool:
+        return self.step in (Step.COMMITTED, Step.ABORTED, Step.UNKNOWN)
 
-def decide(
-    status: str | None,
-    timeline_then: str | None,
-    timeline_now: str | None,
-    holder_state: str | None,
-    *,
-    waited: float,
-    patience: float,
-) -> Verdict:
-    """What to do given one answer of `RESOLVE_QUERY`. Pure.
 
-    *waited* is how long the resolution has been waiting for an in-progress transaction
-    whose old backend is busy; past *patience* that backend is terminated too: its
-    transaction then ends one way or the other, and the next answer says which.
-    """
-    if timeline_then is None or timeline_now is None:
+def decide(pending: Pending, probe: Probe) -> Verdict:
+    """What one answer of `RESOLVE_QUERY` proves about *pending*'s COMMIT. Pure."""
+    then, now = pending.incarnation, probe.incarnation
+    status = probe.status
+    if now.timeline is None:
         return Verdict(Step.UNKNOWN, "the server is a standby now: cannot tell")
-    if timeline_now != timeline_then:
+    if then.system_id is None or now.system_id != then.system_id:
         return Verdict(
             Step.UNKNOWN,
-            f"the server moved from timeline {timeline_then} to {timeline_now} (failover): "
+            f"another cluster answers now (system identifier {now.system_id}, was "
+            f"{then.system_id}): transaction {pending.xid} means nothing there",
+        )
+    if now.timeline != then.timeline:
+        return Verdict(
+            Step.UNKNOWN,
+            f"the server moved from timeline {then.timeline} to {now.timeline} (failover): "
             "the transaction id means nothing there",
         )
+    if status is None:
+        return Verdict(Step.UNKNOWN, "the transaction id is too old to be looked up")
+    if then.crash_mark is None or now.crash_mark != then.crash_mark:
+        # Crash recovery since the id was issued: ids that were not on disk are reused.
+        if status == "committed":
+            return Verdict(
+                Step.UNKNOWN,
+                "the server went through crash recovery since the transaction began; "
+                "its id may have been handed out again, so 'committed' may be another "
+                "transaction's",
+            )
+        if status in ("aborted", "in progress"):
+            return Verdict(
+                Step.ABORTED,
+                "not committed before the crash (a committed transaction's id is never reused)",
+            )
+        return Verdict(Step.UNKNOWN, f"unexpected transaction status {status!r}")
     if status == "committed":
         return Verdict(Step.COMMITTED)
     if status == "aborted":
         return Verdict(Step.ABORTED)
-    if status is None:
-        return Verdict(Step.UNKNOWN, "the transaction id is too old to be looked up")
     if status != "in progress":
         return Verdict(Step.UNKNOWN, f"unexpected transaction status {status!r}")
-    if holder_state is None:
+    if now.started != then.started or probe.holder_state is None:
         # The backend is exiting (or this is a prepared transaction): ask again shortly.
         return Verdict(Step.WAIT, "the transaction is still running")
-    if holder_state.startswith("idle in transaction") or waited >= patience:
-        # The COMMIT never reached a backend that is still alive (half-open connection),
-        # or it has been stuck for too long: end it for sure.
-        return Verdict(Step.TERMINATE, f"old backend is {holder_state!r}")
-    return Verdict(Step.WAIT, f"old backend is {holder_state!r}")
+    if probe.holder_has_xid and probe.holder_state.startswith("idle in transaction"):
+        return Verdict(Step.TERMINATE, f"old backend is {probe.holder_state!r}")
+    return Verdict(Step.WAIT, f"old backend is {probe.holder_state!r}: still committing")

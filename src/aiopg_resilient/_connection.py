@@ -14,6 +14,7 @@ import anyio
 from psycopg import AsyncConnection, Notify, sql
 from psycopg.abc import Params
 
+from ._driver import tuple_cursor
 from ._errors import DatabaseUnavailable, Failure, classify
 from ._ops import InDoubt, Query
 from ._pool import Configure, ResilientPool
@@ -205,7 +206,7 @@ class ResilientConnection:
                 yield notify
             # Quiet for a whole interval: make sure the connection is still there.
             with anyio.fail_after(pool.heartbeat_timeout):
-                await conn.execute("SELECT 1")
+                await tuple_cursor(conn).execute("SELECT 1")
 
     async def _listener(self, lost_at: float | None) -> AsyncConnection[Any]:
         """Connect the listening connection, with backoff while the server is down."""

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, waiting
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, waiting
 from psycopg.abc import RV, PQGen
 from psycopg.pq import PollingStatus, TransactionStatus
+from psycopg.rows import tuple_row
 
-__all__ = ["DriverConnection"]
+__all__ = ["DriverConnection", "Owner", "tuple_cursor"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
@@ -29,19 +32,106 @@ _background: set[asyncio.Task[None]] = set()
 _INTERRUPTS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
+class Owner(Protocol):
+    """The layer's block that holds a connection: it decides what commit() means."""
+
+    async def commit(self, conn: DriverConnection) -> None: ...
+
+    async def rollback(self, conn: DriverConnection) -> None: ...
+
+
+_SETTINGS = ("isolation_level", "read_only", "deferrable")
+
+
 class DriverConnection(AsyncConnection[Any]):
-    """An `AsyncConnection` that closes at once when cancelled mid-query."""
+    """An `AsyncConnection` that closes at once when cancelled mid-query, never cancels a
+    COMMIT, and lets the layer own the transaction of a block."""
+
+    protect_commit = False
+    owner: Owner | None = None
+    _baseline: tuple[Any, ...] = ()
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        # psycopg < 3.3's wait_async() has no timeout parameter.
+        extra = {} if timeout is None else {"timeout": timeout}
         try:
-            return await waiting.wait_async(
-                gen, self.pgconn.socket, interval=interval, timeout=timeout
-            )
+            return await waiting.wait_async(gen, self.pgconn.socket, interval=interval, **extra)
         except _INTERRUPTS:
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
-                _cancel_in_background(self)
+                if not self.protect_commit:
+                    _cancel_in_background(self)
                 self.pgconn.finish()
             raise
+
+    # -- the layer owns the transaction -----------------------------------------------
+
+    async def commit(self) -> None:
+        if self.owner is None:
+            await super().commit()
+        else:
+            await self.owner.commit(self)
+
+    async def rollback(self) -> None:
+        if self.owner is None:
+            await super().rollback()
+        else:
+            await self.owner.rollback(self)
+
+    async def plain_commit(self) -> None:
+        """psycopg's own commit(), for the layer."""
+        await super().commit()
+
+    async def plain_rollback(self) -> None:
+        """psycopg's own rollback(), for the layer."""
+        await super().rollback()
+
+    @asynccontextmanager
+    async def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncIterator[AsyncTransaction]:
+        if (
+            self.owner is not None
+            and not self.autocommit
+            and self.pgconn.transaction_status == TransactionStatus.IDLE
+        ):
+            # Open the layer's transaction first: the user's block is then a savepoint.
+            async with self.lock:
+                await self.wait(self._start_query())
+        async with super().transaction(savepoint_name, force_rollback) as tx:
+            yield tx
+
+    # -- what a borrower changed ------------------------------------------------------
+
+    def keep_settings(self) -> None:
+        """Remember the connection's settings as configured, to restore them later."""
+        self._baseline = self._settings()
+
+    def _settings(self) -> tuple[Any, ...]:
+        return (
+            self.row_factory,
+            self.cursor_factory,
+            self.prepare_threshold,
+            *(getattr(self, name) for name in _SETTINGS),
+        )
+
+    async def restore_settings(self) -> None:
+        """Undo what a borrower changed on the connection object (idle: no round trip)."""
+        if not self._baseline or self._settings() == self._baseline:
+            return
+        row_factory, cursor_factory, prepare_threshold, isolation, read_only, deferrable = (
+            self._baseline
+        )
+        self.row_factory = row_factory
+        self.cursor_factory = cursor_factory
+        self.prepare_threshold = prepare_threshold
+        await self.set_isolation_level(isolation)
+        await self.set_read_only(read_only)
+        await self.set_deferrable(deferrable)
+
+
+def tuple_cursor(conn: AsyncConnection[Any]) -> AsyncCursor[tuple[Any, ...]]:
+    """A cursor for the layer's own queries, whatever row or cursor factory the user set."""
+    return AsyncCursor(conn, row_factory=tuple_row)
 
 
 def _cancel_in_background(conn: AsyncConnection[Any]) -> None:

@@ -2,8 +2,10 @@
 
 Reads are replayed freely. A write is replayed only when the layer proved it was not
 applied: the connection died before COMMIT was sent (the server rolls back an open
-transaction it loses), or the COMMIT's outcome was resolved as aborted through the
-transaction id (see `_commit`).
+transaction it loses), or the COMMIT's outcome was resolved as aborted (see `_commit`,
+`_indoubt`). Only a failure of the connection itself counts as one (guarantee 10): an
+exception of the caller's code or an error of the statement reaches the caller as it is,
+after a rollback, and the connection stays in the pool.
 """
 
 from __future__ import annotations
@@ -11,39 +13,42 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import anyio
 import psycopg
-from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, sql
+from psycopg import AsyncClientCursor, AsyncCursor, AsyncRawCursor, sql
 from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
-from ._commit import RESOLVE_QUERY, TERMINATE_QUERY, XID_QUERY, Step, decide
+from ._commit import XID_QUERY, Pending
+from ._driver import DriverConnection, tuple_cursor
 from ._errors import CommitUnknown, ConnectionLost, DatabaseUnavailable, Failure, classify
+from ._indoubt import Resolver
 from ._retry import Backoff, RetryPolicy
 
 if TYPE_CHECKING:
     from ._pool import _Slot
 
-__all__ = ["Operations", "Query"]
+__all__ = ["Attempts", "Operations", "Query", "failure_of", "is_conflict"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
 Query = str | bytes | sql.SQL | sql.Composed
 InDoubt = Literal["resolve", "raise"]
-Op = Callable[[AsyncConnection[Any]], Awaitable[T]]
+Op = Callable[[DriverConnection], Awaitable[T]]
 
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _NOT_IN_A_BLOCK = "25001"  # active_sql_transaction: "cannot run inside a transaction block"
+_READ_ONLY = "25006"
 
 
-class _Attempts:
+class Attempts:
     """Counts the attempts of one operation and sleeps between them within its budget."""
 
     __slots__ = ("_backoff", "_policy", "_rng", "count", "deadline")
@@ -70,14 +75,6 @@ class _Attempts:
         await anyio.sleep(min(self._backoff.next(), max(self.deadline - time.monotonic(), 0)))
 
 
-def _first(row: Any) -> Any:
-    if isinstance(row, Sequence):
-        return row[0]
-    if isinstance(row, dict):
-        return next(iter(row.values()))
-    return row[0]
-
-
 async def _all(cur: AsyncCursor[Any]) -> list[Any]:
     return await cur.fetchall()
 
@@ -88,7 +85,7 @@ async def _one(cur: AsyncCursor[Any]) -> Any:
 
 async def _value(cur: AsyncCursor[Any]) -> Any:
     row = await cur.fetchone()
-    return None if row is None else _first(row)
+    return None if row is None else row[0]
 
 
 async def _rowcount(cur: AsyncCursor[Any]) -> int:
@@ -102,20 +99,55 @@ class Statement(Generic[T]):
     query: Query
     params: Params | None
     collect: Callable[[AsyncCursor[Any]], Awaitable[T]]
+    user_rows: bool = True
+    """Rows in the user's row_factory (fetch, fetchone), or plain tuples (fetchval)."""
 
-    async def run(self, conn: AsyncConnection[Any]) -> T:
-        return await self.collect(await conn.execute(self.query, self.params))
+    def cursor(self, conn: DriverConnection) -> AsyncCursor[Any]:
+        return conn.cursor() if self.user_rows else conn.cursor(row_factory=tuple_row)
+
+    async def run(self, conn: DriverConnection) -> T:
+        cur = self.cursor(conn)
+        await cur.execute(self.query, self.params)
+        return await self.collect(cur)
+
+
+async def failure_of(conn: DriverConnection, exc: BaseException) -> Failure | None:
+    """Whether *exc*, raised while *conn* was in use, is a failure of the connection:
+    CONNECTION (it is gone), WRONG_ROLE (the server is a standby now), or None (the
+    statement's or the caller's own error: the connection is fine)."""
+    if conn.closed:
+        return Failure.CONNECTION
+    # Read-only by the user's choice (default_transaction_read_only, SET TRANSACTION READ
+    # ONLY) is the statement's error; on a server in recovery, the wrong server.
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == _READ_ONLY and await _in_recovery(conn):
+        return Failure.WRONG_ROLE
+    return Failure.CONNECTION if conn.closed else None
+
+
+async def _in_recovery(conn: DriverConnection) -> bool:
+    standby = conn.info.parameter_status("in_hot_standby")  # reported by PostgreSQL 14+
+    if standby is not None:
+        return standby == "on"
+    try:
+        if conn.pgconn.transaction_status != _IDLE:
+            await conn.plain_rollback()
+        cur = tuple_cursor(conn)
+        await cur.execute("SELECT pg_is_in_recovery()")
+        row = await cur.fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
 
 
 class Operations:
-    """fetch/execute/transaction/run_transaction on top of a pool's acquire and release."""
+    """fetch/execute/run_transaction on top of a pool's acquire and release."""
 
     retry: RetryPolicy
     in_doubt: InDoubt
     heartbeat_timeout: float
     _counters: dict[str, int]
     _rng: random.Random
-    _block_autocommit: bool
+    _resolver_: Resolver | None = None
 
     # Provided by the pool.
     async def _acquire(self, deadline: float) -> _Slot:
@@ -129,6 +161,25 @@ class Operations:
 
     async def _lost(self, slot: _Slot, exc: BaseException | None) -> None:
         raise NotImplementedError
+
+    async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    @property
+    def _resolver(self) -> Resolver:
+        if self._resolver_ is None:
+            self._resolver_ = Resolver(
+                self._side_query,
+                patience=self.heartbeat_timeout,
+                retry=self.retry,
+                rng=self._rng,
+                raise_only=self.in_doubt == "raise",
+                note=self._note,
+            )
+        return self._resolver_
+
+    def _note(self, counter: str) -> None:
+        self._counters[counter] += 1
 
     # -- reads -----------------------------------------------------------------------
 
@@ -151,8 +202,9 @@ class Operations:
     async def fetchval(
         self, query: Query, params: Params | None = None, *, idempotent: bool = True
     ) -> Any:
-        """The first column of the first row of *query*, or ``None``; replayed."""
-        return await self._run(Statement(query, params, _value), idempotent)
+        """The first column of the first row of *query* (the value itself, whatever the
+        ``row_factory``), or ``None``; replayed after a connection failure."""
+        return await self._run(Statement(query, params, _value, user_rows=False), idempotent)
 
     async def execute(
         self, query: Query, params: Params | None = None, *, idempotent: bool = False
@@ -170,22 +222,22 @@ class Operations:
         `ConnectionLost`. With ``idempotent=True`` the caller vouches that running it
         twice is harmless: it is replayed like a read, in one round trip.
         """
-        return await self._run(Statement(query, params, _rowcount), idempotent)
+        return await self._run(Statement(query, params, _rowcount, user_rows=False), idempotent)
 
     async def _run(self, stmt: Statement[T], idempotent: bool) -> T:
         return await (self._replay(stmt.run) if idempotent else self._write(stmt))
 
     async def _replay(self, op: Op[T]) -> T:
-        """Run *op*, replaying it on a fresh connection after a transient failure until
-        the retry budget is spent. Only for operations that are safe to replay."""
-        attempts = _Attempts(self.retry, self._rng)
+        """Run *op*, replaying it on a fresh connection after a failure of the connection
+        until the retry budget is spent. Only for operations that are safe to replay."""
+        attempts = Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
             slot = await self._acquire(attempts.deadline)
             try:
                 result = await op(slot.conn)
             except Exception as exc:
-                if not (slot.conn.broken or classify(exc).retryable):
+                if await failure_of(slot.conn, exc) is None:
                     await self._release(slot)
                     raise
                 await self._lost(slot, exc)
@@ -203,19 +255,27 @@ class Operations:
     async def _write(self, stmt: Statement[T]) -> T:
         """Run *stmt* so that it is applied exactly once (see `execute`)."""
 
-        async def body(conn: AsyncConnection[Any]) -> tuple[T, str | None, str | None]:
+        async def body(slot: _Slot) -> tuple[T, Pending | None]:
+            conn = slot.conn
+            if issubclass(conn.cursor_factory, AsyncRawCursor):
+                # $1-style placeholders cannot be bound client-side: three round trips.
+                await tuple_cursor(conn).execute("BEGIN")
+                result = await stmt.run(conn)
+                return result, await self._learn(conn)
             # One round trip: BEGIN, the statement and the transaction's id, sent as one
             # simple query (client-side binding). Cheaper than psycopg's pipeline mode,
             # which pays a TLS write per statement.
-            cur = AsyncClientCursor(conn)
+            cur: AsyncClientCursor[Any] = AsyncClientCursor(
+                conn, row_factory=conn.row_factory if stmt.user_rows else tuple_row
+            )
             text = cur.mogrify(stmt.query, stmt.params)
             await cur.execute(f"BEGIN;\n{text}\n;\n{XID_QUERY}")
             cur.nextset()
             result = await stmt.collect(cur)
+            cur.row_factory = tuple_row  # before the id's result set comes up
             while cur.nextset():
                 pass
-            row = await cur.fetchone()
-            return (result, row[0], row[1]) if row is not None else (result, None, None)
+            return result, Pending.from_row(await cur.fetchone())
 
         try:
             return await self._transact(body, rerun_conflicts=False)
@@ -226,42 +286,40 @@ class Operations:
 
     async def _transact(
         self,
-        body: Callable[[AsyncConnection[Any]], Awaitable[tuple[T, str | None, str | None]]],
+        body: Callable[[_Slot], Awaitable[tuple[T, Pending | None]]],
         *,
         rerun_conflicts: bool,
     ) -> T:
-        """Run *body* (which opens a transaction and returns its result, xid and
-        timeline) and commit it; re-run it when it was proven not applied, and, with
+        """Run *body* (which opens a transaction and returns its result and what is
+        known of it) and commit it; re-run it when it was proven not applied, and, with
         *rerun_conflicts*, after a serialization failure or a deadlock."""
-        attempts = _Attempts(self.retry, self._rng)
+        attempts = Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
             slot = await self._acquire(attempts.deadline)
-            conn = slot.conn
             try:
-                result, xid, timeline = await body(conn)
+                result, pending = await body(slot)
             except Exception as exc:
-                failure = classify(exc)
-                if conn.broken and isinstance(exc, psycopg.Error):
-                    failure = Failure.CONNECTION
-                if failure.retryable:
+                failure = await failure_of(slot.conn, exc)
+                if failure is not None:
                     # COMMIT was never sent: the server rolls the transaction back.
                     await self._lost(slot, exc)
-                elif failure is Failure.TRANSACTION and rerun_conflicts:
-                    await self._rollback_and_release(slot)
                 else:
                     await self._rollback_and_release(slot)
-                    raise
+                    if not (rerun_conflicts and is_conflict(exc)):
+                        raise
                 self._counters["retries"] += 1
-                await attempts.again(exc, immediate_first=failure.retryable)
+                await attempts.again(exc, immediate_first=failure is not None)
                 continue
             except BaseException:
                 await self._discard(slot)
                 raise
             try:
-                committed = await self._commit(slot, xid, timeline, attempts.deadline)
+                committed = await self._commit(slot, pending, attempts.deadline)
+            except CommitUnknown:
+                raise
             except psycopg.Error as exc:
-                if not (rerun_conflicts and classify(exc) is Failure.TRANSACTION):
+                if not (rerun_conflicts and is_conflict(exc)):
                     raise
                 committed = False  # serialization failure at COMMIT: rolled back
             if committed:
@@ -271,12 +329,12 @@ class Operations:
 
     async def _once(self, op: Op[T]) -> T:
         """Run *op* once in autocommit; a connection loss raises ConnectionLost."""
-        attempts = _Attempts(self.retry, self._rng)
+        attempts = Attempts(self.retry, self._rng)
         slot = await self._acquire(attempts.deadline)
         try:
             result = await op(slot.conn)
         except Exception as exc:
-            if slot.conn.broken or classify(exc) is Failure.CONNECTION:
+            if await failure_of(slot.conn, exc) is not None:
                 await self._lost(slot, exc)
                 raise ConnectionLost(
                     f"connection lost while the statement may have run; not retried: {exc}"
@@ -290,9 +348,11 @@ class Operations:
         return result
 
     async def _rollback_and_release(self, slot: _Slot) -> None:
+        conn = slot.conn
+        conn.owner = None
         try:
-            if slot.conn.pgconn.transaction_status != _IDLE:
-                await slot.conn.rollback()
+            if conn.pgconn.transaction_status != _IDLE:
+                await conn.plain_rollback()
         except Exception:
             await self._discard(slot)
             return
@@ -301,163 +361,59 @@ class Operations:
             raise
         await self._release(slot)
 
-    async def _commit(
-        self, slot: _Slot, xid: str | None, timeline: str | None, deadline: float
-    ) -> bool:
-        """Send COMMIT and release the connection; True if committed (or nothing was
-        written), False if the transaction was proven aborted. Raises CommitUnknown."""
-        conn = slot.conn
-        pid = conn.info.backend_pid
-        try:
-            # A COMMIT unanswered for heartbeat_timeout means a half-open peer: stop
-            # waiting and ask the server what happened instead.
-            with anyio.fail_after(self.heartbeat_timeout):
-                await conn.execute("COMMIT")
-        except Exception as exc:
-            if not (conn.broken or isinstance(exc, TimeoutError)) and not classify(exc).retryable:
-                await self._rollback_and_release(slot)  # the server answered: aborted
-                raise
-            await self._lost(slot, exc)
-            if xid is None:
-                return True  # the transaction wrote nothing: nothing to lose
-            if self.in_doubt == "raise":
-                self._counters["commits_unknown"] += 1
-                raise CommitUnknown(
-                    f"connection lost during COMMIT of transaction {xid}: {exc}", xid=int(xid)
-                ) from exc
-            return await self._resolve(int(xid), timeline, pid, deadline, exc)
-        except BaseException:
-            await self._discard(slot)
-            raise
-        await self._release(slot)
-        return True
-
-    async def _resolve(
-        self, xid: int, timeline: str | None, pid: int, deadline: float, cause: BaseException
-    ) -> bool:
-        """Learn what became of transaction *xid*; True if it committed."""
-        logger.warning("commit of transaction %s in doubt (%s): resolving", xid, cause)
-        backoff = Backoff(self.retry, self._rng)
-        # Resolution gets a budget of its own even when the operation's is nearly spent.
-        deadline = max(deadline, time.monotonic() + 4 * self.heartbeat_timeout)
-        started = time.monotonic()
-        params = {"xid": str(xid), "pid": pid}
-        while True:
-            try:
-                row = await self._replay(Statement(RESOLVE_QUERY, params, _one).run)
-            except psycopg.Error as exc:
-                self._counters["commits_unknown"] += 1
-                raise CommitUnknown(
-                    f"could not resolve the commit of transaction {xid}: {exc}", xid=xid
-                ) from cause
-            status, timeline_now, holder = row
-            verdict = decide(
-                status,
-                timeline,
-                timeline_now,
-                holder,
-                waited=time.monotonic() - started,
-                patience=self.heartbeat_timeout,
-            )
-            if verdict.step is Step.COMMITTED or verdict.step is Step.ABORTED:
-                self._counters["commits_resolved"] += 1
-                logger.warning("transaction %s resolved: %s", xid, verdict.step.value)
-                return verdict.step is Step.COMMITTED
-            if verdict.step is Step.UNKNOWN or time.monotonic() >= deadline:
-                self._counters["commits_unknown"] += 1
-                raise CommitUnknown(
-                    f"outcome of transaction {xid} unknown: {verdict.reason or 'timed out'}",
-                    xid=xid,
-                ) from cause
-            if verdict.step is Step.TERMINATE:
-                logger.warning("terminating backend %s holding transaction %s", pid, xid)
-                await self._replay(Statement(TERMINATE_QUERY, params, _one).run)
-            await anyio.sleep(backoff.next())
-
-    # -- blocks ----------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A live connection for a block: commit on clean exit, rollback on error.
-
-        Connecting is retried within the retry budget; what runs inside the block is not
-        replayed: a connection lost there raises `ConnectionLost`. A COMMIT whose answer
-        was lost is resolved like `transaction`'s. The connection goes back to the pool
-        afterwards, or is discarded if it broke or its state is unknown (for example when
-        the block was cancelled).
-        """
-        async with self._block(autocommit=None) as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """One transaction on one connection, committed on clean exit.
-
-        A connection lost inside the block raises `ConnectionLost` (nothing was applied).
-        A COMMIT whose answer was lost is resolved through the transaction id: committed
-        -> the block succeeds; aborted -> `ConnectionLost`; unknowable -> `CommitUnknown`.
-        """
-        async with self._block(autocommit=False) as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _block(self, *, autocommit: bool | None) -> AsyncIterator[AsyncConnection[Any]]:
-        attempts = _Attempts(self.retry, self._rng)
-        slot = await self._acquire(attempts.deadline)
-        conn = slot.conn
-        try:
-            if not (self._block_autocommit if autocommit is None else autocommit):
-                await conn.set_autocommit(False)
-            yield conn
-            xid, timeline = await self._learn_xid(conn)
-        except Exception as exc:
-            if conn.broken or classify(exc) is Failure.CONNECTION:
-                await self._lost(slot, exc)
-                raise ConnectionLost(
-                    f"connection lost inside the block; nothing was committed: {exc}"
-                ) from exc
-            await self._rollback_and_release(slot)
-            raise
-        except BaseException:
-            await self._discard(slot)
-            raise
-        if not await self._commit(slot, xid, timeline, attempts.deadline):
-            raise ConnectionLost(
-                "connection lost during COMMIT; the transaction was rolled back: "
-                "nothing was applied"
-            )
-
-    async def _learn_xid(self, conn: AsyncConnection[Any]) -> tuple[str | None, str | None]:
-        """Before COMMIT: the transaction's id and timeline (one round trip), if it wrote."""
+    async def _learn(self, conn: DriverConnection) -> Pending | None:
+        """Before COMMIT: the transaction's id, backend and server incarnation (one round
+        trip), if it wrote anything."""
         status = conn.pgconn.transaction_status
         if status == _IDLE:
-            return None, None
+            return None
         if status != _INTRANS:
             # The block swallowed an error: COMMIT would silently roll back.
             raise psycopg.errors.InFailedSqlTransaction(
                 "the transaction failed inside the block (an error was caught there); "
                 "it was rolled back"
             )
-        cur = await conn.execute(XID_QUERY)
-        row = await cur.fetchone()
-        return (row[0], row[1]) if row is not None else (None, None)
+        cur = tuple_cursor(conn)
+        await cur.execute(XID_QUERY)
+        return Pending.from_row(await cur.fetchone())
 
-    async def run_transaction(
-        self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
-    ) -> T:
-        """Run ``await fn(conn, *args, **kwargs)`` in a transaction and commit it; re-run
-        it when that is safe, and return its result once committed.
+    async def _commit(
+        self,
+        slot: _Slot,
+        pending: Pending | None,
+        deadline: float,
+        *,
+        keep: bool = False,
+        on_lost: Callable[[], None] | None = None,
+    ) -> bool:
+        """COMMIT on *slot*; True if committed (or nothing was written), False if proven
+        aborted. Releases the connection unless *keep*; a connection that died or went
+        silent is dropped first (then *on_lost*), so resolving never waits for itself.
+        Raises CommitUnknown, or the error the server answered COMMIT with."""
+        lost = False
 
-        *fn* is re-run (with backoff, within ``retry.timeout``) after a connection loss
-        before COMMIT, after a COMMIT resolved as aborted, and on serialization failure
-        (40001) or deadlock (40P01). It is never re-run after a commit, so it must keep
-        its side effects inside the transaction.
-        """
+        async def drop(exc: BaseException) -> None:
+            nonlocal lost
+            lost = True
+            if on_lost is not None:
+                on_lost()
+            await self._lost(slot, exc)
 
-        async def body(conn: AsyncConnection[Any]) -> tuple[T, str | None, str | None]:
-            await conn.set_autocommit(False)
-            result = await fn(conn, *args, **kwargs)
-            xid, timeline = await self._learn_xid(conn)
-            return result, xid, timeline
+        conn = slot.conn
+        try:
+            committed = await self._resolver.commit(conn, pending, deadline, drop)
+        except BaseException as exc:
+            if not lost and not keep:
+                if isinstance(exc, psycopg.Error) and not isinstance(exc, CommitUnknown):
+                    await self._rollback_and_release(slot)  # the server answered: rolled back
+                else:
+                    await self._discard(slot)
+            raise
+        if not lost and not keep:
+            await self._release(slot)
+        return committed
 
-        return await self._transact(body, rerun_conflicts=True)
+
+def is_conflict(exc: BaseException) -> bool:
+    """A serialization failure or a deadlock: the transaction may be re-run."""
+    return isinstance(exc, psycopg.Error) and classify(exc) is Failure.TRANSACTION

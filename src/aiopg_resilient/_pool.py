@@ -20,7 +20,8 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
-from ._driver import DriverConnection
+from ._blocks import Blocks
+from ._driver import DriverConnection, tuple_cursor
 from ._errors import (
     DatabaseUnavailable,
     Failure,
@@ -29,7 +30,7 @@ from ._errors import (
     classify,
 )
 from ._liveness import looks_alive
-from ._ops import InDoubt, Operations
+from ._ops import Attempts, InDoubt
 from ._retry import Backoff, RetryPolicy, testing_scale
 from ._stats import PoolStats
 
@@ -40,20 +41,24 @@ logger = logging.getLogger("aiopg_resilient.pool")
 Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 
 # A refused connect (nothing listens) costs the server nothing: no backend, no TLS
-# handshake. Probing it at most this far apart lets a restarted server be used again
-# within this time; every other failure backs off up to the policy's max_delay.
+# handshake. Nor does a connect closed before any answer, which is what a TCP proxy or
+# load balancer in front of a stopped server does. Probing those at most this far apart
+# lets a restarted server be used again within this time; every other failure backs
+# off up to the policy's max_delay.
 REFUSED_PROBE_CAP = 0.15
+_CHEAP_FAILURES = ("connection refused", "server closed the connection unexpectedly")
 
 
 def _is_refused(exc: BaseException) -> bool:
-    return "connection refused" in str(exc).lower()
+    text = str(exc).lower()
+    return any(needle in text for needle in _CHEAP_FAILURES)
 
 
 @dataclass(eq=False)
 class _Slot:
     """A pooled connection and its bookkeeping."""
 
-    conn: AsyncConnection[Any]
+    conn: DriverConnection
     created: float
     expires: float | None
     last_used: float
@@ -69,7 +74,7 @@ def _expire(fut: asyncio.Future[_Slot]) -> None:
         fut.set_exception(_Expired())
 
 
-class ResilientPool(Operations):
+class ResilientPool(Blocks):
     """A pool of psycopg `AsyncConnection` that hides transient failures from reads.
 
     Open it with ``async with ResilientPool(dsn) as pool`` or ``await pool.open()`` /
@@ -277,7 +282,7 @@ class ResilientPool(Operations):
 
     # -- connecting ------------------------------------------------------------------
 
-    async def _connect(self) -> AsyncConnection[Any]:
+    async def _connect(self) -> DriverConnection:
         conn = await DriverConnection.connect(
             self._conninfo, autocommit=True, **self._connect_kwargs
         )
@@ -293,10 +298,11 @@ class ResilientPool(Operations):
         except BaseException:
             await conn.close()
             raise
+        conn.keep_settings()
         self._counters["connects"] += 1
         return conn
 
-    def _new_slot(self, conn: AsyncConnection[Any]) -> _Slot:
+    def _new_slot(self, conn: DriverConnection) -> _Slot:
         now = time.monotonic()
         expires = None
         if self.max_lifetime is not None:
@@ -465,11 +471,33 @@ class ResilientPool(Operations):
         if slot.expires is not None and now >= slot.expires:
             await self._retire(slot)
             return
+        conn.owner = None
         if not conn.autocommit:
             await conn.set_autocommit(True)  # local only: the connection is idle
+        await conn.restore_settings()  # local only too
         slot.last_used = now
         self._schedule_check(slot, now)
         self._put(slot)
+
+    async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
+        """The first row of a query of the layer's own on another connection, replayed:
+        a pooled one, or, when the pool is full and busy (a saturated pool must not
+        stall an in-doubt resolution), a short-lived one outside the pool's limits."""
+        if self._idle or len(self._slots) + self._connecting < self.max_size:
+            return await self._replay(lambda conn: _first_row(conn, query, params))
+        attempts = Attempts(self.retry, self._rng)
+        while True:
+            attempts.count += 1
+            try:
+                conn = await self._connect()
+                try:
+                    return await _first_row(conn, query, params)
+                finally:
+                    await conn.close()
+            except Exception as exc:
+                if classify(exc) is Failure.FATAL or not isinstance(exc, psycopg.OperationalError):
+                    raise
+                await attempts.again(exc)
 
     async def _discard(self, slot: _Slot) -> None:
         """Close a connection whose state is unknown or bad, and replace it."""
@@ -551,7 +579,7 @@ class ResilientPool(Operations):
         error: BaseException | None = None
         try:
             with anyio.fail_after(self.heartbeat_timeout):
-                await slot.conn.execute("SELECT 1")
+                await tuple_cursor(slot.conn).execute("SELECT 1")
         except Exception as exc:
             error = exc
         except BaseException:
@@ -596,6 +624,12 @@ class ResilientPool(Operations):
         if self.heartbeat_interval is not None:
             await self._ping_idle(lambda s: now >= s.next_check)
         self._wake_connector()
+
+
+async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:
+    cur = tuple_cursor(conn)
+    await cur.execute(query, params)
+    return await cur.fetchone()
 
 
 async def _maintain(ref: weakref.ref[ResilientPool]) -> None:

@@ -1,0 +1,214 @@
+"""In-doubt commit resolution, the I/O part: send COMMIT, watch it, resolve it.
+
+`send_commit` sends COMMIT and waits for its answer, for as long as the server works on
+it: a COMMIT is never cancelled (a cancel during a synchronous-replication wait would
+turn "committed locally, not replicated" into a success). When the answer is late by
+``patience`` (``heartbeat_timeout``), it looks at the old backend from another
+connection: busy with the COMMIT -> keep waiting; idle (the answer was lost on a silent
+path) -> its status answers; still idle in the transaction (the COMMIT never arrived) ->
+terminated, then its status answers. `resolve` does the same after the connection died.
+Every path ends in committed, aborted or `CommitUnknown` (with the id): whatever fails
+while resolving (no free connection, an outage, a permission error) is `CommitUnknown`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+from psycopg import AsyncCursor
+
+from ._commit import RESOLVE_QUERY, TERMINATE_QUERY, Pending, Probe, Step, Verdict, decide
+from ._driver import DriverConnection
+from ._errors import CommitUnknown
+from ._retry import Backoff, RetryPolicy
+
+__all__ = ["Resolver"]
+
+logger = logging.getLogger("aiopg_resilient.pool")
+
+# Runs one query on another connection (replayed on connection failures) -> first row.
+Run = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class _Outcome:
+    """What became of one COMMIT message (internal)."""
+
+    __slots__ = ("answered", "error", "verdict")
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.error: Exception | None = None
+        self.verdict: Verdict | None = None
+
+
+class Resolver:
+    """Commits a pending transaction and resolves its outcome when the answer is lost."""
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        patience: float,
+        retry: RetryPolicy,
+        rng: random.Random,
+        raise_only: bool,
+        note: Callable[[str], None],
+    ) -> None:
+        self._run = run
+        self._patience = patience
+        self._retry = retry
+        self._rng = rng
+        self._raise_only = raise_only
+        self._note = note
+
+    async def commit(
+        self,
+        conn: DriverConnection,
+        pending: Pending | None,
+        deadline: float,
+        drop: Callable[[BaseException], Awaitable[None]],
+    ) -> bool:
+        """COMMIT *conn*'s transaction: True if committed (or it wrote nothing), False if
+        proven aborted. An error the server answered COMMIT with (a deferred constraint,
+        a serialization failure) is raised as it is: the transaction was rolled back.
+        Raises `CommitUnknown` when the outcome cannot be known, including when the
+        caller is cancelled while COMMIT is out. *drop(exc)* is called once the
+        connection is known dead or abandoned, before resolving."""
+        out = _Outcome()
+        try:
+            await self._send(conn, pending, out)
+        except BaseException as exc:
+            if out.answered or pending is None or isinstance(exc, Exception):
+                raise
+            # The caller gave up (its deadline, a client gone) while COMMIT was out.
+            logger.warning(
+                "caller cancelled while the COMMIT of transaction %s was outstanding; "
+                "its outcome is unknown",
+                pending.xid,
+            )
+            self._note("commits_unknown")
+            raise CommitUnknown(
+                f"cancelled while the COMMIT of transaction {pending.xid} was outstanding: "
+                "it may or may not have been applied",
+                xid=pending.xid,
+            ) from exc
+        if out.answered:
+            return True
+        if out.error is not None and not conn.closed:
+            raise out.error  # the server answered COMMIT with an error: rolled back
+        cause = out.error or TimeoutError(f"no answer to COMMIT within {self._patience:.3g}s")
+        await drop(cause)
+        if pending is None:
+            return True  # the transaction wrote nothing: nothing to lose
+        if out.verdict is None:
+            return await self.resolve(pending, deadline, cause)
+        return self._conclude(pending, out.verdict, cause)
+
+    async def _send(self, conn: DriverConnection, pending: Pending | None, out: _Outcome) -> None:
+        """Send COMMIT; wait for its answer, or for the watcher's verdict."""
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            if pending is None:
+                # Nothing was written: after patience, the outcome does not matter.
+                await anyio.sleep(self._patience)
+                out.verdict = Verdict(Step.COMMITTED, "the transaction wrote nothing")
+            else:
+                out.verdict = await self._watch(pending)
+            scope.cancel()
+
+        with _protected(conn):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, tg.cancel_scope)
+                try:
+                    await AsyncCursor(conn).execute(b"COMMIT")
+                    out.answered = True
+                except Exception as exc:
+                    out.error = exc
+                tg.cancel_scope.cancel()
+
+    async def _watch(self, pending: Pending) -> Verdict:
+        """While a COMMIT is unanswered: look at its backend every *patience* seconds
+        until that proves the outcome (the backend is no longer busy with it)."""
+        delay = self._patience
+        while True:
+            await anyio.sleep(delay)
+            try:
+                verdict = await self._probe(pending)
+            except Exception as exc:
+                return Verdict(Step.UNKNOWN, f"no answer to COMMIT, and cannot look: {exc}")
+            if verdict.final:
+                logger.warning(
+                    "no answer to the COMMIT of transaction %s within %.3gs: %s",
+                    pending.xid,
+                    self._patience,
+                    verdict.step.value,
+                )
+                return verdict
+            # Busy committing (a synchronous-replication wait...): keep waiting for it.
+            delay = self._patience if verdict.step is Step.WAIT else 0.0
+
+    async def _probe(self, pending: Pending) -> Verdict:
+        params = {"xid": str(pending.xid), "pid": pending.pid}
+        verdict = decide(pending, Probe.from_row(await self._run(RESOLVE_QUERY, params)))
+        if verdict.step is Step.TERMINATE:
+            logger.warning(
+                "terminating backend %s: it is idle in transaction %s (its COMMIT never came)",
+                pending.pid,
+                pending.xid,
+            )
+            await self._run(TERMINATE_QUERY, params)
+        return verdict
+
+    async def resolve(self, pending: Pending, deadline: float, cause: BaseException) -> bool:
+        """Learn what became of *pending* after its connection died; True if committed."""
+        logger.warning("commit of transaction %s in doubt (%s): resolving", pending.xid, cause)
+        if self._raise_only:
+            return self._conclude(pending, Verdict(Step.UNKNOWN, "in_doubt='raise'"), cause)
+        # Resolution gets a budget of its own even when the operation's is nearly spent.
+        deadline = max(deadline, time.monotonic() + 4 * self._patience)
+        backoff = Backoff(self._retry, self._rng)
+        verdict = Verdict(Step.UNKNOWN, "timed out")
+        try:
+            with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
+                while True:
+                    verdict = await self._probe(pending)
+                    if verdict.final:
+                        break
+                    await anyio.sleep(0.0 if verdict.step is Step.TERMINATE else backoff.next())
+        except TimeoutError:
+            verdict = Verdict(Step.UNKNOWN, f"still undecided: {verdict.reason or 'timed out'}")
+        except Exception as exc:  # guarantee 13: never PoolTimeout or a raw error here
+            verdict = Verdict(Step.UNKNOWN, f"could not look it up: {exc}")
+        return self._conclude(pending, verdict, cause)
+
+    def _conclude(self, pending: Pending, verdict: Verdict, cause: BaseException | None) -> bool:
+        if self._raise_only and verdict.step is not Step.UNKNOWN:
+            verdict = Verdict(Step.UNKNOWN, f"in_doubt='raise' ({verdict.step.value})")
+        if verdict.step is Step.UNKNOWN:
+            self._note("commits_unknown")
+            logger.warning("outcome of transaction %s unknown: %s", pending.xid, verdict.reason)
+            raise CommitUnknown(
+                f"outcome of the COMMIT of transaction {pending.xid} unknown: {verdict.reason}",
+                xid=pending.xid,
+            ) from cause
+        self._note("commits_resolved")
+        logger.warning("transaction %s resolved: %s", pending.xid, verdict.step.value)
+        return verdict.step is Step.COMMITTED
+
+
+@contextmanager
+def _protected(conn: DriverConnection) -> Iterator[None]:
+    """While COMMIT is out, an interrupted wait closes the connection without asking the
+    server to cancel (see `DriverConnection.wait`)."""
+    previous = conn.protect_commit
+    conn.protect_commit = True
+    try:
+        yield
+    finally:
+        conn.protect_commit = previous
