@@ -73,6 +73,15 @@ def test_after_crash_recovery_not_committed_is_aborted() -> None:
     assert _step(None, now=crashed) is Step.UNKNOWN  # too old: cannot tell
 
 
+def test_stats_reset_with_the_backend_alive_is_no_crash() -> None:
+    """A reset of the statistics moves the crash marker without a crash: while the old
+    backend still holds the id, it is busy committing, never 'aborted'."""
+    reset = replace(THEN, crash_mark="500.0")
+    assert _step("in progress", now=reset, holder="active") is Step.WAIT
+    assert _step("in progress", now=reset, holder="idle in transaction") is Step.TERMINATE
+    assert _step("committed", now=reset, holder=None, has_xid=None) is Step.UNKNOWN
+
+
 def test_clean_restart_keeps_statuses() -> None:
     """A clean restart (restart -m fast) writes the next id to disk: no id is reused, the
     status is the transaction's own."""

@@ -24,8 +24,7 @@ _HELD = (
     " AND state = 'idle in transaction' AND backend_xid IS NOT NULL"
 )
 _SYNCREP = (
-    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-    " AND wait_event = 'SyncRep'"
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'SyncRep'"
 )
 
 
@@ -175,9 +174,7 @@ async def test_outage_during_resolution_is_commit_unknown(
     as 'not applied')."""
     assert tls_chaos_proxy.dsn is not None
     policy = RetryPolicy(timeout=1.0)
-    pool = pool_for(
-        tls_chaos_proxy.dsn, app_name, max_size=2, heartbeat_timeout=0.3, retry=policy
-    )
+    pool = pool_for(tls_chaos_proxy.dsn, app_name, max_size=2, heartbeat_timeout=0.3, retry=policy)
     async with pool:
         await pool.fetchval("SELECT 1")
         trigger = tls_chaos_proxy.on_client_message(b"COMMIT", "freeze_after")

@@ -41,15 +41,35 @@ class BlockOwner:
     """Receives ``conn.commit()`` and ``conn.rollback()`` while a block holds *slot*."""
 
     def __init__(
-        self, ops: Operations, slot: _Slot, *, user_commits: bool, deadline: float = 0.0
+        self,
+        ops: Operations,
+        slot: _Slot,
+        *,
+        user_commits: bool,
+        deadline: float = 0.0,
+        autocommit: bool = False,
     ) -> None:
         self._ops = ops
         self._slot = slot
         self._user_commits = user_commits
         self._deadline = deadline
+        self._autocommit = autocommit
+        self._plain = False
         self.gone = False
         """The connection was dropped by a commit() whose answer was lost."""
         self.committed_before = False
+
+    def ended_by_sql(self) -> None:
+        if self._plain:
+            return  # our own call of psycopg's commit() or rollback()
+        if not self._user_commits:
+            raise psycopg.ProgrammingError(
+                "a COMMIT or ROLLBACK statement ended the transaction inside transaction() "
+                "or run_transaction(): what ran before it was committed or rolled back "
+                "outside the write protocol. Not re-run. (Let the block commit, or use "
+                "connection().)"
+            )
+        self.committed_before = True  # connection(): from now on, say "since"
 
     def _drop(self) -> None:
         self.gone = True
@@ -57,10 +77,15 @@ class BlockOwner:
     async def commit(self, conn: DriverConnection) -> None:
         if not self._user_commits:
             raise psycopg.ProgrammingError(_REFUSED.format("commit"))
+        if conn._pipeline is not None:
+            raise psycopg.ProgrammingError(
+                "conn.commit() inside conn.pipeline() in a pool block: leave the pipeline "
+                "block first, so the COMMIT's outcome can be resolved if its answer is lost"
+            )
         if conn.pgconn.transaction_status != TransactionStatus.INTRANS or conn._num_transactions:
             # Nothing to commit, a failed transaction (COMMIT rolls it back), or inside
             # a conn.transaction() block (psycopg refuses): psycopg's own behaviour.
-            await conn.plain_commit()
+            await self._plain_call(conn.plain_commit)
             return
         pending = await self._ops._learn(conn)
         committed = await self._ops._commit(
@@ -76,7 +101,14 @@ class BlockOwner:
     async def rollback(self, conn: DriverConnection) -> None:
         if not self._user_commits:
             raise psycopg.ProgrammingError(_REFUSED.format("rollback"))
-        await conn.plain_rollback()
+        await self._plain_call(conn.plain_rollback)
+
+    async def _plain_call(self, call: Callable[[], Awaitable[None]]) -> None:
+        self._plain = True
+        try:
+            await call()
+        finally:
+            self._plain = False
 
     def nothing(self, done: str) -> str:
         """Says "nothing was <done>", or since when if the block committed before."""
@@ -85,6 +117,11 @@ class BlockOwner:
         return f"nothing was {done}"
 
     def lost_message(self, exc: BaseException) -> str:
+        if self._autocommit:
+            return (
+                "connection lost inside an autocommit block: each statement that completed "
+                f"before it was applied, the one in flight may have been: {exc}"
+            )
         return f"connection lost inside the block; {self.nothing('committed')}: {exc}"
 
 
@@ -96,7 +133,9 @@ async def block(
     attempts = Attempts(ops.retry, ops._rng)
     slot = await ops._acquire(attempts.deadline)
     conn = slot.conn
-    owner = BlockOwner(ops, slot, user_commits=user_commits, deadline=attempts.deadline)
+    owner = BlockOwner(
+        ops, slot, user_commits=user_commits, deadline=attempts.deadline, autocommit=autocommit
+    )
     conn.owner = owner
     try:
         if not autocommit:
@@ -105,11 +144,15 @@ async def block(
         pending = None if owner.gone else await ops._learn(conn)
     except Exception as exc:
         conn.owner = None
-        if owner.gone and isinstance(exc, (CommitUnknown, ConnectionLost)):
+        if isinstance(exc, CommitUnknown) or (owner.gone and isinstance(exc, ConnectionLost)):
+            if not owner.gone:
+                await ops._discard(slot)
             raise  # from the user's commit(): already the whole truth
         if owner.gone or await failure_of(conn, exc) is not None:
             if not owner.gone:
                 await ops._lost(slot, exc)
+            if autocommit:  # what completed was applied; what was in flight may have been
+                raise CommitUnknown(owner.lost_message(exc)) from exc
             raise ConnectionLost(owner.lost_message(exc)) from exc
         await ops._rollback_and_release(slot)
         raise

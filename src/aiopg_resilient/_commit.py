@@ -36,6 +36,7 @@ from dataclasses import dataclass
 __all__ = [
     "RESOLVE_QUERY",
     "TERMINATE_QUERY",
+    "WRITE_XID_QUERY",
     "XID_QUERY",
     "Incarnation",
     "Pending",
@@ -57,8 +58,11 @@ _INCARNATION = (
 )
 
 XID_QUERY = (
-    f"SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, {_INCARNATION}"
+    "SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, " + _INCARNATION
 )
+# For execute(): the statement is a write, so the transaction always gets an id, even
+# when nothing but COMMIT would assign one (NOTIFY, pg_notify()).
+WRITE_XID_QUERY = XID_QUERY.replace("pg_current_xact_id_if_assigned()", "pg_current_xact_id()")
 
 # The status of the transaction, the incarnation now, and the state of the old backend
 # (if it still exists, and whether it still holds the transaction). An id at or past the
@@ -175,8 +179,11 @@ def decide(pending: Pending, probe: Probe) -> Verdict:
         )
     if status is None:
         return Verdict(Step.UNKNOWN, "the transaction id is too old to be looked up")
-    if then.crash_mark is None or now.crash_mark != then.crash_mark:
+    alive = status == "in progress" and probe.holder_has_xid is True and now.started == then.started
+    if (then.crash_mark is None or now.crash_mark != then.crash_mark) and not alive:
         # Crash recovery since the id was issued: ids that were not on disk are reused.
+        # (Unless the old backend still holds the id: then no crash happened, only a
+        # reset of the statistics the crash marker comes from.)
         if status == "committed":
             return Verdict(
                 Step.UNKNOWN,

@@ -39,8 +39,22 @@ class Owner(Protocol):
 
     async def rollback(self, conn: DriverConnection) -> None: ...
 
+    def ended_by_sql(self) -> None:
+        """A statement of the user's (``COMMIT``, ``ROLLBACK``) ended the transaction."""
+
 
 _SETTINGS = ("isolation_level", "read_only", "deferrable")
+# Session settings the server reports to the client when they change (GUC_REPORT): a
+# borrower's SET of one of these is seen without a round trip, and undone on release.
+_REPORTED = (
+    "default_transaction_read_only",
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "search_path",
+    "application_name",
+    "standard_conforming_strings",
+)
 
 
 class DriverConnection(AsyncConnection[Any]):
@@ -48,20 +62,32 @@ class DriverConnection(AsyncConnection[Any]):
     COMMIT, and lets the layer own the transaction of a block."""
 
     protect_commit = False
+    interrupted = False
+    """Closed by the layer because the caller was cancelled mid-query (not a failure)."""
     owner: Owner | None = None
     _baseline: tuple[Any, ...] = ()
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         # psycopg < 3.3's wait_async() has no timeout parameter.
         extra = {} if timeout is None else {"timeout": timeout}
+        before = self.pgconn.transaction_status
         try:
-            return await waiting.wait_async(gen, self.pgconn.socket, interval=interval, **extra)
+            result = await waiting.wait_async(gen, self.pgconn.socket, interval=interval, **extra)
         except _INTERRUPTS:
             if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
                 if not self.protect_commit:
                     _cancel_in_background(self)
+                self.interrupted = True
                 self.pgconn.finish()
             raise
+        if (
+            self.owner is not None
+            and not self.protect_commit
+            and before == TransactionStatus.INTRANS
+            and self.pgconn.transaction_status == TransactionStatus.IDLE
+        ):
+            self.owner.ended_by_sql()
+        return result
 
     # -- the layer owns the transaction -----------------------------------------------
 
@@ -102,9 +128,15 @@ class DriverConnection(AsyncConnection[Any]):
 
     # -- what a borrower changed ------------------------------------------------------
 
+    _reported: tuple[str | None, ...] = ()
+
     def keep_settings(self) -> None:
         """Remember the connection's settings as configured, to restore them later."""
         self._baseline = self._settings()
+        self._reported = self._reported_now()
+
+    def _reported_now(self) -> tuple[str | None, ...]:
+        return tuple(self.info.parameter_status(name) for name in _REPORTED)
 
     def _settings(self) -> tuple[Any, ...]:
         return (
@@ -115,7 +147,19 @@ class DriverConnection(AsyncConnection[Any]):
         )
 
     async def restore_settings(self) -> None:
-        """Undo what a borrower changed on the connection object (idle: no round trip)."""
+        """Undo what a borrower changed on the connection object (idle: no round trip),
+        and the reported session settings it changed with SET (one round trip then)."""
+        if self._reported and self._reported_now() != self._reported:
+            changed = [
+                (name, value)
+                for name, value, now in zip(
+                    _REPORTED, self._reported, self._reported_now(), strict=True
+                )
+                if value is not None and value != now
+            ]
+            cur = tuple_cursor(self)
+            for name, value in changed:
+                await cur.execute("SELECT set_config(%s, %s, false)", (name, value))
         if not self._baseline or self._settings() == self._baseline:
             return
         row_factory, cursor_factory, prepare_threshold, isolation, read_only, deferrable = (

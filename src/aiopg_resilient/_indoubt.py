@@ -25,7 +25,7 @@ from psycopg import AsyncCursor
 
 from ._commit import RESOLVE_QUERY, TERMINATE_QUERY, Pending, Probe, Step, Verdict, decide
 from ._driver import DriverConnection
-from ._errors import CommitUnknown
+from ._errors import CommitUnknown, Failure, classify
 from ._retry import Backoff, RetryPolicy
 
 __all__ = ["Resolver"]
@@ -83,10 +83,22 @@ class Resolver:
         out = _Outcome()
         try:
             await self._send(conn, pending, out)
+            if out.answered:
+                return True
+            if out.error is not None and not conn.closed and not _lost_answer(out.error):
+                raise out.error  # the server answered COMMIT with an error: rolled back
+            cause = out.error or TimeoutError(f"no answer to COMMIT within {self._patience:.3g}s")
+            await drop(cause)
+            if pending is None:
+                return True  # the transaction wrote nothing: nothing to lose
+            if out.verdict is None:
+                return await self.resolve(pending, deadline, cause)
+            return self._conclude(pending, out.verdict, cause)
         except BaseException as exc:
-            if out.answered or pending is None or isinstance(exc, Exception):
+            if isinstance(exc, Exception) or out.answered or pending is None:
                 raise
-            # The caller gave up (its deadline, a client gone) while COMMIT was out.
+            # The caller gave up (its deadline, a client gone) while COMMIT was out or
+            # its outcome was being looked up.
             logger.warning(
                 "caller cancelled while the COMMIT of transaction %s was outstanding; "
                 "its outcome is unknown",
@@ -98,17 +110,6 @@ class Resolver:
                 "it may or may not have been applied",
                 xid=pending.xid,
             ) from exc
-        if out.answered:
-            return True
-        if out.error is not None and not conn.closed:
-            raise out.error  # the server answered COMMIT with an error: rolled back
-        cause = out.error or TimeoutError(f"no answer to COMMIT within {self._patience:.3g}s")
-        await drop(cause)
-        if pending is None:
-            return True  # the transaction wrote nothing: nothing to lose
-        if out.verdict is None:
-            return await self.resolve(pending, deadline, cause)
-        return self._conclude(pending, out.verdict, cause)
 
     async def _send(self, conn: DriverConnection, pending: Pending | None, out: _Outcome) -> None:
         """Send COMMIT; wait for its answer, or for the watcher's verdict."""
@@ -200,6 +201,12 @@ class Resolver:
         self._note("commits_resolved")
         logger.warning("transaction %s resolved: %s", pending.xid, verdict.step.value)
         return verdict.step is Step.COMMITTED
+
+
+def _lost_answer(exc: Exception) -> bool:
+    """A FATAL of the server (terminated, shut down) read before libpq saw the EOF: not an
+    answer to COMMIT, which may have completed before it."""
+    return classify(exc) is Failure.CONNECTION
 
 
 @contextmanager

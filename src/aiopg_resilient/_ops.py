@@ -24,7 +24,7 @@ from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from ._commit import XID_QUERY, Pending
+from ._commit import WRITE_XID_QUERY, XID_QUERY, Pending
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import CommitUnknown, ConnectionLost, DatabaseUnavailable, Failure, classify
 from ._indoubt import Resolver
@@ -116,12 +116,13 @@ async def failure_of(conn: DriverConnection, exc: BaseException) -> Failure | No
     CONNECTION (it is gone), WRONG_ROLE (the server is a standby now), or None (the
     statement's or the caller's own error: the connection is fine)."""
     if conn.closed:
-        return Failure.CONNECTION
+        # Closed because the caller's own deadline cancelled a query: the caller's.
+        return None if conn.interrupted else Failure.CONNECTION
     # Read-only by the user's choice (default_transaction_read_only, SET TRANSACTION READ
     # ONLY) is the statement's error; on a server in recovery, the wrong server.
     if isinstance(exc, psycopg.Error) and exc.sqlstate == _READ_ONLY and await _in_recovery(conn):
         return Failure.WRONG_ROLE
-    return Failure.CONNECTION if conn.closed else None
+    return Failure.CONNECTION if conn.closed and not conn.interrupted else None
 
 
 async def _in_recovery(conn: DriverConnection) -> bool:
@@ -269,7 +270,13 @@ class Operations:
                 conn, row_factory=conn.row_factory if stmt.user_rows else tuple_row
             )
             text = cur.mogrify(stmt.query, stmt.params)
-            await cur.execute(f"BEGIN;\n{text}\n;\n{XID_QUERY}")
+            try:
+                await cur.execute(f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}")
+            except Exception as exc:
+                if ";" in text.strip().rstrip(";") and conn.closed and not conn.interrupted:
+                    # Several statements: one of them may have been a COMMIT that ran.
+                    raise _MayHaveRun() from exc
+                raise
             cur.nextset()
             result = await stmt.collect(cur)
             cur.row_factory = tuple_row  # before the id's result set comes up
@@ -299,6 +306,13 @@ class Operations:
             slot = await self._acquire(attempts.deadline)
             try:
                 result, pending = await body(slot)
+            except _MayHaveRun as exc:
+                await self._lost(slot, exc.__cause__)
+                self._note("commits_unknown")
+                raise CommitUnknown(
+                    "connection lost while a text of several statements ran; if one of them "
+                    f"was a COMMIT it may have been applied: {exc.__cause__}"
+                ) from exc.__cause__
             except Exception as exc:
                 failure = await failure_of(slot.conn, exc)
                 if failure is not None:
@@ -400,6 +414,10 @@ class Operations:
             await self._lost(slot, exc)
 
         conn = slot.conn
+        if pending is None and conn.pgconn.transaction_status == _IDLE:
+            if not keep:  # nothing to commit (the block ran nothing, or ended it itself)
+                await self._release(slot)
+            return True
         try:
             committed = await self._resolver.commit(conn, pending, deadline, drop)
         except BaseException as exc:
@@ -412,6 +430,10 @@ class Operations:
         if not lost and not keep:
             await self._release(slot)
         return committed
+
+
+class _MayHaveRun(Exception):
+    """The connection died while statements that may end the transaction ran (internal)."""
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -30,7 +30,7 @@ from ._errors import (
     classify,
 )
 from ._liveness import looks_alive
-from ._ops import Attempts, InDoubt
+from ._ops import Attempts, InDoubt, failure_of
 from ._retry import Backoff, RetryPolicy, testing_scale
 from ._stats import PoolStats
 
@@ -87,7 +87,13 @@ class ResilientPool(Blocks):
     with jittered backoff, and every waiter shares their outcome.
 
     All parameters are keyword-only except *conninfo*; sizes and timeouts are validated
-    here, but nothing connects before `open`.
+    here, but nothing connects before `open`. *configure* runs on every new connection;
+    *reset* on every connection that comes back, before the next borrower (a failing
+    reset discards the connection). Whatever a borrower set on the connection object
+    (row factory, isolation level...) and the session settings the server reports
+    (``default_transaction_read_only``, ``TimeZone``, ``search_path``...) are put back to
+    what *configure* left without it; other session state (temporary tables, advisory
+    locks, other ``SET``) is *reset*'s job.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class ResilientPool(Blocks):
         max_idle: float | None = 600.0,
         in_doubt: InDoubt = "resolve",
         configure: Configure | None = None,
+        reset: Configure | None = None,
         connect_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
@@ -142,6 +149,7 @@ class ResilientPool(Blocks):
         self.max_idle = max_idle
         self.in_doubt: InDoubt = in_doubt
         self.configure = configure
+        self.reset = reset
 
         self._opened = False
         self._closed = False
@@ -472,32 +480,59 @@ class ResilientPool(Blocks):
             await self._retire(slot)
             return
         conn.owner = None
-        if not conn.autocommit:
-            await conn.set_autocommit(True)  # local only: the connection is idle
-        await conn.restore_settings()  # local only too
+        try:
+            if not conn.autocommit:
+                await conn.set_autocommit(True)  # local only: the connection is idle
+            await conn.restore_settings()  # a round trip only if a SET changed something
+            if self.reset is not None:
+                await self.reset(conn)
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    raise psycopg.ProgrammingError("reset() left the connection in a transaction")
+        except Exception as exc:
+            logger.warning("pool %r: could not reset a returned connection: %s", self.name, exc)
+            await self._discard(slot)
+            return
+        except BaseException:
+            await self._discard(slot)
+            raise
         slot.last_used = now
         self._schedule_check(slot, now)
         self._put(slot)
 
     async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
-        """The first row of a query of the layer's own on another connection, replayed:
-        a pooled one, or, when the pool is full and busy (a saturated pool must not
-        stall an in-doubt resolution), a short-lived one outside the pool's limits."""
-        if self._idle or len(self._slots) + self._connecting < self.max_size:
-            return await self._replay(lambda conn: _first_row(conn, query, params))
+        """The first row of a query of the layer's own on another connection: an idle
+        pooled one, else a short-lived one outside the pool's limits and its queue (an
+        in-doubt resolution must not wait behind the callers of a saturated pool).
+        Replayed on connection failures within the retry budget."""
         attempts = Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
+            slot = await self._take_idle()
             try:
+                if slot is not None:
+                    row = await _first_row(slot.conn, query, params)
+                    await self._release(slot)
+                    return row
                 conn = await self._connect()
                 try:
                     return await _first_row(conn, query, params)
                 finally:
                     await conn.close()
             except Exception as exc:
-                if classify(exc) is Failure.FATAL or not isinstance(exc, psycopg.OperationalError):
+                if slot is not None:
+                    if await failure_of(slot.conn, exc) is None:
+                        await self._release(slot)
+                        raise
+                    await self._lost(slot, exc)
+                elif classify(exc) is Failure.FATAL or not isinstance(
+                    exc, psycopg.OperationalError
+                ):
                     raise
                 await attempts.again(exc)
+            except BaseException:
+                if slot is not None:
+                    await self._discard(slot)
+                raise
 
     async def _discard(self, slot: _Slot) -> None:
         """Close a connection whose state is unknown or bad, and replace it."""
