@@ -102,7 +102,9 @@ class _Endpoint:
                 self._tls.unwrap()
             self._flush_tls()
         if self.writer.can_write_eof():
-            self.writer.write_eof()
+            # The peer may be gone already (a crashed server behind a frozen session).
+            with contextlib.suppress(OSError):
+                self.writer.write_eof()
 
     async def linger(self, timeout: float) -> None:
         """After `send_eof`: discard what the peer still sends until it closes, then close."""
