@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from ._attempts import Attempts
 from ._commit import Pending
 from ._driver import DriverConnection
 from ._errors import CommitUnknown, ConnectionLost
-from ._ops import Attempts, Operations, failure_of
+from ._failures import failure_of
+from ._ops import Operations
 
 if TYPE_CHECKING:
     from ._pool import _Slot

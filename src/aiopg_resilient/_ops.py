@@ -12,28 +12,28 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-import anyio
 import psycopg
 from psycopg import AsyncClientCursor, AsyncCursor, AsyncRawCursor, sql
 from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
+from ._attempts import Attempts
 from ._commit import WRITE_XID_QUERY, XID_QUERY, Pending
 from ._driver import DriverConnection, tuple_cursor
-from ._errors import CommitUnknown, ConnectionLost, DatabaseUnavailable, Failure, classify
+from ._errors import CommitUnknown, ConnectionLost
+from ._failures import failure_of, is_conflict
 from ._indoubt import Resolver
-from ._retry import Backoff, RetryPolicy
+from ._retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ._pool import _Slot
 
-__all__ = ["Attempts", "Operations", "Query", "failure_of", "is_conflict"]
+__all__ = ["Operations", "Query"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
@@ -45,34 +45,6 @@ Op = Callable[[DriverConnection], Awaitable[T]]
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _NOT_IN_A_BLOCK = "25001"  # active_sql_transaction: "cannot run inside a transaction block"
-_READ_ONLY = "25006"
-
-
-class Attempts:
-    """Counts the attempts of one operation and sleeps between them within its budget."""
-
-    __slots__ = ("_backoff", "_policy", "_rng", "count", "deadline")
-
-    def __init__(self, policy: RetryPolicy, rng: random.Random) -> None:
-        self._policy = policy
-        self._rng = rng
-        self._backoff: Backoff | None = None
-        self.deadline = time.monotonic() + policy.budget
-        self.count = 0
-
-    async def again(self, exc: BaseException, *, immediate_first: bool = True) -> None:
-        """Sleep before the next attempt, or raise DatabaseUnavailable if none is left."""
-        limit = self._policy.max_attempts
-        if time.monotonic() >= self.deadline or (limit is not None and self.count >= limit):
-            raise DatabaseUnavailable(
-                f"gave up after {self.count} attempts: {exc}",
-                attempts=self.count,
-                last_error=exc,
-            ) from exc
-        if self.count == 1 and immediate_first:
-            return  # a stale connection is the usual cause: retry at once
-        self._backoff = self._backoff or Backoff(self._policy, self._rng)
-        await anyio.sleep(min(self._backoff.next(), max(self.deadline - time.monotonic(), 0)))
 
 
 async def _all(cur: AsyncCursor[Any]) -> list[Any]:
@@ -109,35 +81,6 @@ class Statement(Generic[T]):
         cur = self.cursor(conn)
         await cur.execute(self.query, self.params)
         return await self.collect(cur)
-
-
-async def failure_of(conn: DriverConnection, exc: BaseException) -> Failure | None:
-    """Whether *exc*, raised while *conn* was in use, is a failure of the connection:
-    CONNECTION (it is gone), WRONG_ROLE (the server is a standby now), or None (the
-    statement's or the caller's own error: the connection is fine)."""
-    if conn.closed:
-        # Closed because the caller's own deadline cancelled a query: the caller's.
-        return None if conn.interrupted else Failure.CONNECTION
-    # Read-only by the user's choice (default_transaction_read_only, SET TRANSACTION READ
-    # ONLY) is the statement's error; on a server in recovery, the wrong server.
-    if isinstance(exc, psycopg.Error) and exc.sqlstate == _READ_ONLY and await _in_recovery(conn):
-        return Failure.WRONG_ROLE
-    return Failure.CONNECTION if conn.closed and not conn.interrupted else None
-
-
-async def _in_recovery(conn: DriverConnection) -> bool:
-    standby = conn.info.parameter_status("in_hot_standby")  # reported by PostgreSQL 14+
-    if standby is not None:
-        return standby == "on"
-    try:
-        if conn.pgconn.transaction_status != _IDLE:
-            await conn.plain_rollback()
-        cur = tuple_cursor(conn)
-        await cur.execute("SELECT pg_is_in_recovery()")
-        row = await cur.fetchone()
-    except psycopg.Error:
-        return False
-    return bool(row and row[0])
 
 
 class Operations:
@@ -434,8 +377,3 @@ class Operations:
 
 class _MayHaveRun(Exception):
     """The connection died while statements that may end the transaction ran (internal)."""
-
-
-def is_conflict(exc: BaseException) -> bool:
-    """A serialization failure or a deadlock: the transaction may be re-run."""
-    return isinstance(exc, psycopg.Error) and classify(exc) is Failure.TRANSACTION

@@ -20,6 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
+from ._attempts import Attempts
 from ._blocks import Blocks
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import (
@@ -29,8 +30,9 @@ from ._errors import (
     PoolTimeout,
     classify,
 )
+from ._failures import failure_of
 from ._liveness import looks_alive
-from ._ops import Attempts, InDoubt, failure_of
+from ._ops import InDoubt
 from ._retry import Backoff, RetryPolicy, testing_scale
 from ._stats import PoolStats
 
