@@ -118,8 +118,33 @@ def test_in_progress_without_holder_waits() -> None:
 
 def test_rows_are_parsed() -> None:
     """The rows of XID_QUERY and RESOLVE_QUERY map onto Pending and Probe."""
-    assert Pending.from_row((None, 1, "s", "t", "u", "c")) is None
-    pending = Pending.from_row(("726", 4242, "7713", "00000001", "100.5", "99.1"))
-    assert pending == PENDING
-    probe = Probe.from_row(("committed", "7713", "00000001", "100.5", "99.1", "idle", None))
-    assert probe == Probe("committed", THEN, "idle", None)
+    assert Pending.from_row((None, 1, "s", "t", "u", "c", "1.0")) is None
+    pending = Pending.from_row(("726", 4242, "7713", "00000001", "100.5", "99.1", "120.25"))
+    assert pending == replace(PENDING, issued_at=120.25)
+    row = ("committed", "7713", "00000001", "100.5", "99.1", "idle", None, "1:5", "130")
+    probe = Probe.from_row(row)
+    assert probe == Probe("committed", THEN, "idle", None, (1 << 32) | 5, 130.0)
+
+
+def _after_crash(status: str, *, next_xid: int, checkpoint_at: float) -> Step:
+    crashed = replace(THEN, started="200.0", crash_mark="199.9")
+    pending = replace(PENDING, issued_at=120.25)
+    probe = Probe(status, crashed, None, None, next_xid, checkpoint_at)
+    return decide(pending, probe).step
+
+
+def test_id_past_the_recovered_wal_is_aborted() -> None:
+    """Guarantee 12: after crash recovery, an id at or past the next_xid of a checkpoint
+    written after the id was learnt never reached the disk: 'committed' is a reuse, and
+    ours is proven not applied."""
+    assert _after_crash("committed", next_xid=726, checkpoint_at=121.0) is Step.ABORTED
+    assert _after_crash("committed", next_xid=700, checkpoint_at=121.0) is Step.ABORTED
+
+
+def test_id_before_the_recovered_wal_stays_unknown() -> None:
+    """Below the recovered next_xid the id was on disk: ours or a reuse in between, so
+    unknown; and a checkpoint not provably later than the id proves nothing."""
+    assert _after_crash("committed", next_xid=727, checkpoint_at=121.0) is Step.UNKNOWN
+    # Checkpoint times are whole seconds: 120 may be before 120.25.
+    assert _after_crash("committed", next_xid=700, checkpoint_at=120.0) is Step.UNKNOWN
+    assert _after_crash("committed", next_xid=700, checkpoint_at=100.0) is Step.UNKNOWN

@@ -58,7 +58,8 @@ _INCARNATION = (
 )
 
 XID_QUERY = (
-    "SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, " + _INCARNATION
+    "SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, "
+    f"{_INCARNATION}, extract(epoch FROM clock_timestamp())::text AS issued_at"
 )
 # For execute(): the statement is a write, so the transaction always gets an id, even
 # when nothing but COMMIT would assign one (NOTIFY, pg_notify()).
@@ -73,7 +74,9 @@ RESOLVE_QUERY = (
     "THEN pg_xact_status(%(xid)s::xid8) ELSE 'in progress' END, "
     f"{_INCARNATION}, "
     "(SELECT state FROM pg_stat_activity WHERE pid = %(pid)s), "
-    "(SELECT backend_xid = xid(%(xid)s::xid8) FROM pg_stat_activity WHERE pid = %(pid)s)"
+    "(SELECT backend_xid = xid(%(xid)s::xid8) FROM pg_stat_activity WHERE pid = %(pid)s), "
+    "c.next_xid, extract(epoch FROM c.checkpoint_time)::text "
+    "FROM pg_control_checkpoint() c"
 )
 
 # Only a backend that still holds the transaction and is idle in it: its COMMIT never
@@ -112,13 +115,17 @@ class Pending:
     xid: int
     pid: int
     incarnation: Incarnation
+    issued_at: float | None = None
+    """The server's clock when the id was learnt (epoch seconds)."""
 
     @classmethod
     def from_row(cls, row: tuple[object, ...] | None) -> Pending | None:
         """From a row of `XID_QUERY`; None if the transaction has no id (wrote nothing)."""
         if row is None or row[0] is None:
             return None
-        return cls(int(str(row[0])), int(str(row[1])), Incarnation.from_row(tuple(row[2:6])))
+        issued = None if row[6] is None else float(str(row[6]))
+        incarnation = Incarnation.from_row(tuple(row[2:6]))
+        return cls(int(str(row[0])), int(str(row[1])), incarnation, issued)
 
 
 @dataclass(frozen=True)
@@ -130,13 +137,24 @@ class Probe:
     holder_state: str | None
     """State of the old backend if a backend with its pid exists, else None."""
     holder_has_xid: bool | None
+    checkpoint_next_xid: int | None = None
+    """``next_xid`` of the server's latest checkpoint, as a full 64-bit id."""
+    checkpoint_time: float | None = None
 
     @classmethod
     def from_row(cls, row: tuple[object, ...]) -> Probe:
         status = None if row[0] is None else str(row[0])
         holder = None if row[5] is None else str(row[5])
         has_xid = None if row[6] is None else bool(row[6])
-        return cls(status, Incarnation.from_row(tuple(row[1:5])), holder, has_xid)
+        next_xid = None if row[7] is None else _full_xid(str(row[7]))
+        at = None if row[8] is None else float(str(row[8]))
+        return cls(status, Incarnation.from_row(tuple(row[1:5])), holder, has_xid, next_xid, at)
+
+
+def _full_xid(text: str) -> int:
+    """``'epoch:xid'`` (pg_control_checkpoint's next_xid) as a 64-bit id."""
+    epoch, _, xid = text.partition(":")
+    return (int(epoch) << 32) | int(xid) if xid else int(epoch)
 
 
 class Step(enum.Enum):
@@ -184,6 +202,13 @@ def decide(pending: Pending, probe: Probe) -> Verdict:
         # Crash recovery since the id was issued: ids that were not on disk are reused.
         # (Unless the old backend still holds the id: then no crash happened, only a
         # reset of the statistics the crash marker comes from.)
+        if status == "committed" and _past_recovered_wal(pending, probe):
+            return Verdict(
+                Step.ABORTED,
+                "the id is past every id of the WAL that crash recovery kept (the latest "
+                "checkpoint's next_xid, written after the id was learnt): ours never reached "
+                "the disk, 'committed' is another transaction's",
+            )
         if status == "committed":
             return Verdict(
                 Step.UNKNOWN,
@@ -209,3 +234,20 @@ def decide(pending: Pending, probe: Probe) -> Verdict:
     if probe.holder_has_xid and probe.holder_state.startswith("idle in transaction"):
         return Verdict(Step.TERMINATE, f"old backend is {probe.holder_state!r}")
     return Verdict(Step.WAIT, f"old backend is {probe.holder_state!r}: still committing")
+
+
+def _past_recovered_wal(pending: Pending, probe: Probe) -> bool:
+    """Whether the id is at or past the latest checkpoint's ``next_xid``, that checkpoint
+    being written after the id was learnt (by the server's clock; checkpoint times are
+    whole seconds, hence the strict comparison).
+
+    Sound after any number of crashes: a committed transaction's commit record is on
+    disk, every recovery after it replays it, so every checkpoint written after that
+    (including the end-of-recovery one) has ``next_xid`` above the id. Without a crash,
+    a checkpoint written after the id was handed out also has ``next_xid`` above it, so
+    the test never fires then.
+    """
+    issued, at, next_xid = pending.issued_at, probe.checkpoint_time, probe.checkpoint_next_xid
+    if issued is None or at is None or next_xid is None:
+        return False
+    return at > issued and pending.xid >= next_xid
