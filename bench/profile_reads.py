@@ -25,22 +25,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_reads
+from _contenders import CONTENDERS
+from _throughput import POOL_SIZE_AT_32, drive
 
 from aiopg_resilient.testing import PostgresServer
 
 
 async def amain(args: argparse.Namespace) -> tuple[cProfile.Profile, int, float]:
-    contender = next(c for c in bench_reads.CONTENDERS if c.key == args.contender)
-    size = 1 if args.concurrency == 1 else bench_reads.POOL_SIZE_AT_32
+    contender = next(c for c in CONTENDERS if c.key == args.contender)
+    size = 1 if args.concurrency == 1 else POOL_SIZE_AT_32
     async with PostgresServer(ssl=True) as pg, contender.open(pg, size) as subject:
-        await bench_reads.drive(subject.op, args.concurrency, 1.0, 0.5)  # warm-up
+        await drive(subject.op, args.concurrency, 1.0, 0.5)  # warm-up
         profiler = cProfile.Profile()
         profiler.enable()
         try:
-            ops, elapsed, _, _ = await bench_reads.drive(
-                subject.op, args.concurrency, 0.0, args.seconds
-            )
+            ops, elapsed, _, _ = await drive(subject.op, args.concurrency, 0.0, args.seconds)
         finally:
             profiler.disable()
     return profiler, ops, elapsed
@@ -48,7 +47,7 @@ async def amain(args: argparse.Namespace) -> tuple[cProfile.Profile, int, float]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contender", default="a", choices=[c.key for c in bench_reads.CONTENDERS])
+    p.add_argument("--contender", default="a", choices=[c.key for c in CONTENDERS])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--top", type=int, default=25)
