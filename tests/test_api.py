@@ -14,6 +14,7 @@ DESIGN_NAMES = {
     "ResilientConnection",
     "RetryPolicy",
     "PoolStats",
+    "PoolEvent",
     "Reconnected",
     "ConnectionLost",
     "CommitUnknown",
@@ -24,7 +25,7 @@ DESIGN_NAMES = {
     "Failure",
     "is_disconnect",
 }
-EXTRAS = {"set_testing"}
+EXTRAS = {"set_testing", "ConfigureError"}
 
 
 def test_all_is_exactly_the_public_surface() -> None:

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._connection import Reconnected, ResilientConnection
 from ._errors import (
     CommitUnknown,
+    ConfigureError,
     ConnectionLost,
     DatabaseUnavailable,
     Failure,
@@ -20,6 +21,7 @@ from ._errors import (
     classify,
     is_disconnect,
 )
+from ._events import PoolEvent
 from ._pool import ResilientPool
 from ._retry import RetryPolicy, set_testing
 from ._stats import PoolStats
@@ -31,10 +33,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "CommitUnknown",
+    "ConfigureError",
     "ConnectionLost",
     "DatabaseUnavailable",
     "Failure",
     "PoolClosed",
+    "PoolEvent",
     "PoolStats",
     "PoolTimeout",
     "Reconnected",

@@ -11,8 +11,9 @@ own COMMIT: a lost answer is resolved or `CommitUnknown`, never "nothing was com
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -30,7 +31,25 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["BlockOwner", "Blocks", "block"]
+__all__ = ["BlockOwner", "Blocks", "block", "held_here"]
+
+# The pools whose connections this task holds in a block, with multiplicity.
+_HELD: ContextVar[tuple[int, ...]] = ContextVar("aiopg_resilient_held", default=())
+
+
+def held_here(ops: object) -> int:
+    """How many connections of *ops* the current task holds in blocks."""
+    return _HELD.get().count(id(ops))
+
+
+@contextmanager
+def _holding(ops: object) -> Iterator[None]:
+    token = _HELD.set((*_HELD.get(), id(ops)))
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+
 
 _REFUSED = (
     "conn.{0}() is not allowed inside transaction() or run_transaction(): the pool "
@@ -142,7 +161,8 @@ async def block(
     try:
         if not autocommit:
             await conn.set_autocommit(False)
-        yield conn
+        with _holding(ops):
+            yield conn
         pending = None if owner.gone else await ops._learn(conn)
     except Exception as exc:
         conn.owner = None
@@ -226,7 +246,8 @@ class Blocks(Operations):
             conn.owner = BlockOwner(self, slot, user_commits=False)
             try:
                 await conn.set_autocommit(False)
-                result = await fn(conn, *args, **kwargs)
+                with _holding(self):
+                    result = await fn(conn, *args, **kwargs)
                 return result, await self._learn(conn)
             finally:
                 conn.owner = None

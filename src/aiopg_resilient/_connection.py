@@ -14,10 +14,12 @@ import anyio
 from psycopg import AsyncConnection, Notify, sql
 from psycopg.abc import Params
 
+from ._connector import Configure, Conninfo
 from ._driver import tuple_cursor
-from ._errors import DatabaseUnavailable, Failure, classify
+from ._errors import DatabaseUnavailable, Failure, PoolClosed, classify
+from ._events import OnEvent
 from ._ops import InDoubt, Query
-from ._pool import Configure, ResilientPool
+from ._pool import ResilientPool
 from ._retry import Backoff, RetryPolicy
 from ._stats import PoolStats
 
@@ -68,7 +70,7 @@ class ResilientConnection:
 
     def __init__(
         self,
-        conninfo: str = "",
+        conninfo: Conninfo = "",
         *,
         retry: RetryPolicy | None = None,
         heartbeat_interval: float | None = 15.0,
@@ -78,6 +80,7 @@ class ResilientConnection:
         configure: Configure | None = None,
         connect_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
+        on_event: OnEvent | None = None,
     ) -> None:
         self._pool = ResilientPool(
             conninfo,
@@ -92,7 +95,11 @@ class ResilientConnection:
             configure=configure,
             connect_kwargs=connect_kwargs,
             name=name,
+            on_event=on_event,
         )
+        self._pool._refuse_reentry = True
+        self._closing = False
+        self._listeners: set[AsyncConnection[Any]] = set()
 
     def __repr__(self) -> str:
         return repr(self._pool).replace("ResilientPool", type(self).__name__, 1)
@@ -107,7 +114,10 @@ class ResilientConnection:
         await self._pool.open()
 
     async def close(self) -> None:
-        """Close the connection; idempotent."""
+        """Close the connection, and end any running `listen`; idempotent."""
+        self._closing = True
+        for conn in list(self._listeners):
+            await conn.close()
         await self._pool.close()
 
     async def __aenter__(self) -> ResilientConnection:
@@ -179,8 +189,9 @@ class ResilientConnection:
         statements = [sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in channels]
         lost_at: float | None = None
         cause = ""
-        while True:
+        while not self._closing:
             conn = await self._listener(lost_at)
+            self._listeners.add(conn)
             try:
                 for statement in statements:
                     await conn.execute(statement)
@@ -189,13 +200,16 @@ class ResilientConnection:
                 async for item in self._notifications(conn):
                     yield item
             except Exception as exc:
+                if self._closing:
+                    return  # close() ended the listener
                 if not (conn.broken or classify(exc) is Failure.CONNECTION):
                     raise
                 lost_at = time.monotonic()
                 cause = f"{type(exc).__name__}: {exc}"
-                pool._counters["connections_lost"] += 1
+                pool._events.emit("lost", error=exc)
                 logger.warning("listener on %s lost its connection: %s", channels, exc)
             finally:
+                self._listeners.discard(conn)
                 await conn.close()
 
     async def _notifications(self, conn: AsyncConnection[Any]) -> AsyncIterator[Notify]:
@@ -217,6 +231,8 @@ class ResilientConnection:
         attempts = 0
         while True:
             attempts += 1
+            if self._closing:
+                raise PoolClosed("the ResilientConnection was closed")
             try:
                 return await pool._connect()
             except Exception as exc:

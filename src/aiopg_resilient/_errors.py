@@ -9,6 +9,7 @@ import psycopg
 
 __all__ = [
     "CommitUnknown",
+    "ConfigureError",
     "ConnectionLost",
     "DatabaseUnavailable",
     "Failure",
@@ -65,7 +66,20 @@ class PoolClosed(psycopg.OperationalError):
     """The pool is closed (or was never opened)."""
 
 
-for _cls in (ConnectionLost, CommitUnknown, DatabaseUnavailable, PoolTimeout, PoolClosed):
+class ConfigureError(psycopg.ProgrammingError):
+    """``configure()`` failed on a new connection (a SQL error, or it left a transaction
+    open): a configuration error, raised by ``open()`` and to waiting callers at once,
+    never retried in a loop. The error ``configure()`` raised is ``__cause__``."""
+
+
+for _cls in (
+    ConnectionLost,
+    CommitUnknown,
+    DatabaseUnavailable,
+    PoolTimeout,
+    PoolClosed,
+    ConfigureError,
+):
     _cls.__module__ = "aiopg_resilient"
 
 
@@ -174,7 +188,7 @@ def classify(exc: BaseException) -> Failure:
     ``WRONG_ROLE``          25006 read-only transaction; a standby where a primary is wanted
     ``TRANSACTION``         40001 serialization failure, 40P01 deadlock
     ``FATAL``               28P01/28000 auth, 3D000 no database, malformed DSN, SSL mismatch,
-                            `CommitUnknown`, `PoolClosed`
+                            `CommitUnknown`, `PoolClosed`, `ConfigureError`
     ``STATEMENT``           anything else: the statement failed, the connection is fine
     ======================  ==========================================================
 
@@ -182,7 +196,7 @@ def classify(exc: BaseException) -> Failure:
     """
     if isinstance(exc, (ConnectionLost, DatabaseUnavailable)):
         return Failure.CONNECTION
-    if isinstance(exc, (CommitUnknown, PoolClosed)):
+    if isinstance(exc, (CommitUnknown, PoolClosed, ConfigureError)):
         return Failure.FATAL
     if isinstance(exc, PoolTimeout):
         return Failure.SERVER_BUSY

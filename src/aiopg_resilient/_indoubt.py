@@ -58,14 +58,14 @@ class Resolver:
         retry: RetryPolicy,
         rng: random.Random,
         raise_only: bool,
-        note: Callable[[str], None],
+        emit: Callable[..., None],
     ) -> None:
         self._run = run
         self._patience = patience
         self._retry = retry
         self._rng = rng
         self._raise_only = raise_only
-        self._note = note
+        self._emit = emit
 
     async def commit(
         self,
@@ -104,7 +104,7 @@ class Resolver:
                 "its outcome is unknown",
                 pending.xid,
             )
-            self._note("commits_unknown")
+            self._emit("commit_unknown", xid=pending.xid, outcome="unknown")
             raise CommitUnknown(
                 f"cancelled while the COMMIT of transaction {pending.xid} was outstanding: "
                 "it may or may not have been applied",
@@ -192,13 +192,13 @@ class Resolver:
         if self._raise_only and verdict.step is not Step.UNKNOWN:
             verdict = Verdict(Step.UNKNOWN, f"in_doubt='raise' ({verdict.step.value})")
         if verdict.step is Step.UNKNOWN:
-            self._note("commits_unknown")
+            self._emit("commit_unknown", xid=pending.xid, outcome="unknown")
             logger.warning("outcome of transaction %s unknown: %s", pending.xid, verdict.reason)
             raise CommitUnknown(
                 f"outcome of the COMMIT of transaction {pending.xid} unknown: {verdict.reason}",
                 xid=pending.xid,
             ) from cause
-        self._note("commits_resolved")
+        self._emit("commit_resolved", xid=pending.xid, outcome=verdict.step.value)
         logger.warning("transaction %s resolved: %s", pending.xid, verdict.step.value)
         return verdict.step is Step.COMMITTED
 

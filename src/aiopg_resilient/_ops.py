@@ -26,6 +26,7 @@ from ._attempts import Attempts
 from ._commit import WRITE_XID_QUERY, XID_QUERY, Pending
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import CommitUnknown, ConnectionLost
+from ._events import EventStream
 from ._failures import failure_of, is_conflict
 from ._indoubt import Resolver
 from ._retry import RetryPolicy
@@ -89,7 +90,7 @@ class Operations:
     retry: RetryPolicy
     in_doubt: InDoubt
     heartbeat_timeout: float
-    _counters: dict[str, int]
+    _events: EventStream
     _rng: random.Random
     _resolver_: Resolver | None = None
 
@@ -118,12 +119,9 @@ class Operations:
                 retry=self.retry,
                 rng=self._rng,
                 raise_only=self.in_doubt == "raise",
-                note=self._note,
+                emit=self._events.emit,
             )
         return self._resolver_
-
-    def _note(self, counter: str) -> None:
-        self._counters[counter] += 1
 
     # -- reads -----------------------------------------------------------------------
 
@@ -185,7 +183,7 @@ class Operations:
                     await self._release(slot)
                     raise
                 await self._lost(slot, exc)
-                self._counters["retries"] += 1
+                self._events.emit("retry", error=exc)
                 await attempts.again(exc)
                 continue
             except BaseException:
@@ -251,7 +249,7 @@ class Operations:
                 result, pending = await body(slot)
             except _MayHaveRun as exc:
                 await self._lost(slot, exc.__cause__)
-                self._note("commits_unknown")
+                self._events.emit("commit_unknown", outcome="unknown")
                 raise CommitUnknown(
                     "connection lost while a text of several statements ran; if one of them "
                     f"was a COMMIT it may have been applied: {exc.__cause__}"
@@ -265,7 +263,7 @@ class Operations:
                     await self._rollback_and_release(slot)
                     if not (rerun_conflicts and is_conflict(exc)):
                         raise
-                self._counters["retries"] += 1
+                self._events.emit("retry", error=exc)
                 await attempts.again(exc, immediate_first=failure is not None)
                 continue
             except BaseException:
@@ -281,7 +279,7 @@ class Operations:
                 committed = False  # serialization failure at COMMIT: rolled back
             if committed:
                 return result
-            self._counters["retries"] += 1
+            self._events.emit("retry", outcome="aborted")
             await attempts.again(ConnectionLost("transaction aborted"), immediate_first=False)
 
     async def _once(self, op: Op[T]) -> T:

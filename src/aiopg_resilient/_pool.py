@@ -16,12 +16,11 @@ from typing import Any
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
-from . import _conninfo
 from ._attempts import Attempts
-from ._blocks import Blocks
+from ._blocks import Blocks, held_here
+from ._connector import PROBE_INTERVAL, Configure, Connector, Conninfo
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import (
     DatabaseUnavailable,
@@ -30,30 +29,17 @@ from ._errors import (
     PoolTimeout,
     classify,
 )
+from ._events import EventStream, OnEvent
 from ._failures import failure_of
 from ._liveness import looks_alive
 from ._ops import InDoubt
-from ._retry import Backoff, RetryPolicy, testing_scale
+from ._retry import Backoff, RetryPolicy
+from ._server_state import ServerState
 from ._stats import PoolStats
 
 __all__ = ["ResilientPool"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
-
-Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
-
-# A refused connect (nothing listens) costs the server nothing: no backend, no TLS
-# handshake. Nor does a connect closed before any answer, which is what a TCP proxy or
-# load balancer in front of a stopped server does. Probing those at most this far apart
-# lets a restarted server be used again within this time; every other failure backs
-# off up to the policy's max_delay.
-REFUSED_PROBE_CAP = 0.15
-_CHEAP_FAILURES = ("connection refused", "server closed the connection unexpectedly")
-
-
-def _is_refused(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(needle in text for needle in _CHEAP_FAILURES)
 
 
 @dataclass(eq=False)
@@ -65,6 +51,13 @@ class _Slot:
     expires: float | None
     last_used: float
     next_check: float = 0.0
+
+
+class _FoundClosed(Exception):
+    """The cause of a loss found without an error (internal, for events)."""
+
+    def __init__(self) -> None:
+        super().__init__("an idle connection was found closed (by the server or a proxy)")
 
 
 class _Expired(Exception):
@@ -100,7 +93,7 @@ class ResilientPool(Blocks):
 
     def __init__(
         self,
-        conninfo: str = "",
+        conninfo: Conninfo = "",
         *,
         min_size: int = 1,
         max_size: int = 10,
@@ -115,6 +108,9 @@ class ResilientPool(Blocks):
         reset: Configure | None = None,
         connect_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
+        max_connecting: int = 2,
+        probe_interval: float = PROBE_INTERVAL,
+        on_event: OnEvent | None = None,
     ) -> None:
         if not isinstance(min_size, int) or min_size < 0:
             raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
@@ -133,14 +129,23 @@ class ResilientPool(Blocks):
         ):
             if not value > 0:
                 raise ValueError(f"{label} must be > 0, got {value!r}")
+        if not isinstance(max_connecting, int) or max_connecting < 1:
+            raise ValueError(f"max_connecting must be an int >= 1, got {max_connecting!r}")
+        if not probe_interval > 0:
+            raise ValueError(f"probe_interval must be > 0, got {probe_interval!r}")
         if in_doubt not in ("resolve", "raise"):
             raise ValueError(f"in_doubt must be 'resolve' or 'raise', got {in_doubt!r}")
         kwargs = dict(connect_kwargs or {})
         self._block_autocommit = bool(kwargs.pop("autocommit", False))
         self.name = name or "aiopg_resilient"
-        self._conninfo = _conninfo.apply_defaults(conninfo, kwargs, application_name=self.name)
-        self._target = _conninfo.describe(self._conninfo)
-        self._connect_kwargs = kwargs
+        self._connector = Connector(
+            conninfo,
+            kwargs,
+            application_name=self.name,
+            configure=configure,
+            probe_interval=probe_interval,
+        )
+        self.max_connecting = max_connecting
         self.min_size = min_size
         self.max_size = max_size
         self.retry = retry or RetryPolicy()
@@ -150,7 +155,6 @@ class ResilientPool(Blocks):
         self.max_lifetime = max_lifetime
         self.max_idle = max_idle
         self.in_doubt: InDoubt = in_doubt
-        self.configure = configure
         self.reset = reset
 
         self._opened = False
@@ -162,28 +166,26 @@ class ResilientPool(Blocks):
         # plus a cancel scope, on the path every caller takes when the pool is busy.
         self._waiters: deque[asyncio.Future[_Slot]] = deque()
         self._connecting = 0
-        self._down = False
+        self._rng = random.Random()
+        self._server = ServerState(self._rng)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._connector: asyncio.Task[None] | None = None
+        self._connector_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self._user_heartbeat = False
-        self._rng = random.Random()
-        self._counters = dict.fromkeys(
-            (
-                "connects",
-                "connect_failures",
-                "connections_lost",
-                "retries",
-                "heartbeats",
-                "heartbeat_failures",
-                "acquire_timeouts",
-                "commits_resolved",
-                "commits_unknown",
-            ),
-            0,
-        )
-        self._last_error: BaseException | None = None
+        # ResilientConnection: a query inside one of its own blocks raises at once.
+        self._refuse_reentry = False
+        self._events = EventStream(self.name, on_event)
+        self._last_error: BaseException | None = None  # for stats: never cleared
+
+    @property
+    def _target(self) -> str:
+        return self._connector.target
+
+    @property
+    def configure(self) -> Configure | None:
+        """Run on every new connection (a `ConfigureError` when it fails)."""
+        return self._connector.configure
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._opened else "new"
@@ -194,45 +196,69 @@ class ResilientPool(Blocks):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         """Connect the first connection and start the background work.
 
-        A configuration error (wrong password, unknown database, SSL mismatch) raises
-        here at once. An unreachable server does not: the pool keeps probing it in the
-        background and callers wait for it within their retry budget.
+        A configuration error (wrong password, unknown database, SSL mismatch, a failing
+        ``configure``) raises here at once. An unreachable server does not: the pool
+        keeps probing it in the background and callers wait for it within their retry
+        budget. With *wait*, return once ``min_size`` connections are up, or raise
+        `PoolTimeout` after *timeout* seconds (the pool stays open).
         """
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed; create a new one")
-        if self._opened:
-            return
-        self._opened = True
-        logger.info("pool %r opening to %s", self.name, self._target)
-        if self.min_size > 0:
-            self._connecting += 1
-            try:
-                conn = await self._connect()
-            except Exception as exc:
-                self._connecting -= 1
-                self._note_connect_failure(exc)
-                if classify(exc) is Failure.FATAL:
-                    self._closed = True
-                    raise
-                logger.warning(
-                    "pool %r could not connect to %s yet (%s); retrying in the background",
-                    self.name,
-                    self._target,
-                    exc,
-                )
-            except BaseException:
-                self._connecting -= 1
+        if not self._opened:
+            self._opened = True
+            logger.info("pool %r opening to %s", self.name, self._target)
+            if self.min_size > 0:
+                slot = await self._first_connection()
+                if slot is not None:
+                    self._put(slot)
+            self._wake_connector()
+            if not self._user_heartbeat:
+                self._maintainer = self._spawn(_maintain(weakref.ref(self)))
+        if wait:
+            await self.wait(timeout)
+
+    async def _first_connection(self) -> _Slot | None:
+        self._connecting += 1
+        try:
+            conn = await self._connect()
+        except Exception as exc:
+            if self._note_connect_failure(exc) is Failure.FATAL:
                 self._closed = True
                 raise
-            else:
-                self._connecting -= 1
-                self._put(self._new_slot(conn))
-        self._wake_connector()
-        if not self._user_heartbeat:
-            self._maintainer = self._spawn(_maintain(weakref.ref(self)))
+            logger.warning(
+                "pool %r could not connect to %s yet (%s); retrying in the background",
+                self.name,
+                self._target,
+                exc,
+            )
+            return None
+        except BaseException:
+            self._closed = True
+            raise
+        finally:
+            self._connecting -= 1
+        return self._new_slot(conn)
+
+    async def wait(self, timeout: float = 30.0) -> None:
+        """Wait until ``min_size`` connections are up; `PoolTimeout` after *timeout*, or
+        the configuration error that stops the pool from connecting."""
+        if not self._opened or self._closed:
+            raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closed else 'not open'}")
+        with anyio.move_on_after(timeout):
+            while len(self._slots) < self.min_size:
+                held = self._server.held()
+                if held is not None:
+                    raise held
+                self._wake_connector()
+                await anyio.sleep(0.01)
+            return
+        raise PoolTimeout(
+            f"pool {self.name!r}: {len(self._slots)} of min_size={self.min_size} "
+            f"connections up after {timeout}s (last error: {self._server.last_error})"
+        )
 
     async def close(self) -> None:
         """Close every connection and stop the background work; idempotent.
@@ -285,31 +311,17 @@ class ResilientPool(Blocks):
             in_use=len(self._slots) - len(self._idle),
             connecting=self._connecting,
             waiting=len(self._waiters),
-            down=self._down,
+            down=self._server.down,
             last_error=None if err is None else f"{type(err).__name__}: {err}",
-            **self._counters,
+            **self._events.counters,
         )
 
     # -- connecting ------------------------------------------------------------------
 
     async def _connect(self) -> DriverConnection:
-        conn = await DriverConnection.connect(
-            self._conninfo, autocommit=True, **self._connect_kwargs
-        )
-        try:
-            if self.configure is not None:
-                await self.configure(conn)
-                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                    await conn.rollback()
-                    raise psycopg.ProgrammingError(
-                        "configure() left the connection inside a transaction; "
-                        "commit it or run it in autocommit mode"
-                    )
-        except BaseException:
-            await conn.close()
-            raise
-        conn.keep_settings()
-        self._counters["connects"] += 1
+        started = time.monotonic()
+        conn = await self._connector.connect()
+        self._events.emit("connect", duration=time.monotonic() - started)
         return conn
 
     def _new_slot(self, conn: DriverConnection) -> _Slot:
@@ -327,11 +339,14 @@ class ResilientPool(Blocks):
         if self.heartbeat_interval is not None:
             slot.next_check = now + self.heartbeat_interval * self._rng.uniform(0.8, 1.0)
 
-    def _note_connect_failure(self, exc: BaseException) -> None:
-        self._counters["connect_failures"] += 1
+    def _note_connect_failure(self, exc: BaseException) -> Failure:
+        self._events.emit("connect_failed", error=exc)
         self._last_error = exc
-        if classify(exc) is not Failure.FATAL:
-            self._down = True
+        was_down = self._server.down
+        kind = self._server.failed(exc)
+        if self._server.down and not was_down:
+            self._events.emit("down", error=exc)
+        return kind
 
     def _need(self) -> int:
         """How many connections to open now."""
@@ -342,18 +357,24 @@ class ResilientPool(Blocks):
     def _wake_connector(self) -> None:
         if self._closed or not self._opened:
             return
-        if (self._connector is None or self._connector.done()) and self._need() > 0:
-            self._connector = self._spawn(self._run_connector())
+        held = self._server.held()
+        if held is not None:
+            # A configuration error holds connecting off: callers hear it at once.
+            self._fail_waiters(held)
+            return
+        if (self._connector_task is None or self._connector_task.done()) and self._need() > 0:
+            self._connector_task = self._spawn(self._run_connector())
 
     async def _run_connector(self) -> None:
         """Open connections while they are needed: one probe at a time while the server
-        is down (jittered backoff, shared by every waiter), in parallel once it is up."""
+        is down (jittered backoff, shared by every waiter), up to ``max_connecting`` in
+        parallel once it is up."""
         backoff: Backoff | None = None
         while not self._closed:
             need = self._need()
             if need <= 0:
                 return
-            batch = 1 if self._down else need
+            batch = 1 if self._server.down else min(need, self.max_connecting)
             failures: list[BaseException] = []
             if batch == 1:
                 await self._attempt(failures)
@@ -366,14 +387,12 @@ class ResilientPool(Blocks):
                 continue
             exc = failures[-1]
             if classify(exc) is Failure.FATAL:
+                # Waiters hear it now; new attempts wait for the hold (ServerState).
                 self._fail_waiters(exc)
                 return
             if backoff is None:
                 backoff = Backoff(self.retry, self._rng)
-            delay = backoff.next()
-            if _is_refused(exc):
-                cap = REFUSED_PROBE_CAP * self._rng.uniform(0.5, 1.0)  # jittered too
-                delay = min(delay, cap * testing_scale())
+            delay = self._connector.delay(exc, backoff.next(), self._rng)
             logger.debug("pool %r retrying connect in %.3fs", self.name, delay)
             await anyio.sleep(delay)
 
@@ -382,16 +401,16 @@ class ResilientPool(Blocks):
         try:
             conn = await self._connect()
         except Exception as exc:
-            self._note_connect_failure(exc)
+            kind = self._note_connect_failure(exc)
             failures.append(exc)
-            level = logging.ERROR if classify(exc) is Failure.FATAL else logging.WARNING
+            level = logging.ERROR if kind is Failure.FATAL else logging.WARNING
             logger.log(level, "pool %r: connect to %s failed: %s", self.name, self._target, exc)
             return
         finally:
             self._connecting -= 1
-        if self._down:
+        if self._server.reachable():
+            self._events.emit("up")
             logger.info("pool %r: %s is reachable again", self.name, self._target)
-        self._down = False
         if self._closed:
             await conn.close()
             return
@@ -433,16 +452,29 @@ class ResilientPool(Blocks):
         slot = await self._take_idle()
         if slot is not None:
             return slot
+        held = self._server.held()
+        if held is not None:
+            raise held  # a configuration error: no waiting for a connect that will fail
+        if self._refuse_reentry and held_here(self) >= self.max_size:
+            raise psycopg.ProgrammingError(
+                f"this task already holds every connection of {self.name!r} "
+                f"(max_size={self.max_size}) in a block, e.g. db.fetchval() inside "
+                "db.transaction(): waiting would never end. Use the connection the block "
+                "gave you (await conn.execute(...))."
+            )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Slot] = loop.create_future()
-        failures_before = self._counters["connect_failures"]
+        failures_before = self._events.counters["connect_failures"]
         self._waiters.append(waiter)
         self._wake_connector()
         now = time.monotonic()
-        wait = deadline - now if self._down else min(deadline - now, self.acquire_timeout)
+        down = self._server.down
+        wait = deadline - now if down else min(deadline - now, self.acquire_timeout)
         timer = loop.call_later(max(wait, 0.0), _expire, waiter)
         try:
-            return await waiter
+            slot = await waiter
+            self._events.emit("acquire_wait", duration=time.monotonic() - now)
+            return slot
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._put(waiter.result())  # handed over just as we gave up
@@ -451,13 +483,14 @@ class ResilientPool(Blocks):
                     self._waiters.remove(waiter)
             if not isinstance(exc, _Expired):
                 raise
-            if self._down or (self._last_error is not None and len(self._slots) == 0):
+            last_error = self._server.last_error
+            if self._server.down or (last_error is not None and len(self._slots) == 0):
                 raise DatabaseUnavailable(
-                    f"database {self._target} unreachable: {self._last_error}",
-                    attempts=max(1, self._counters["connect_failures"] - failures_before),
-                    last_error=self._last_error,
-                ) from self._last_error
-            self._counters["acquire_timeouts"] += 1
+                    f"database {self._target} unreachable: {last_error}",
+                    attempts=max(1, self._events.counters["connect_failures"] - failures_before),
+                    last_error=last_error,
+                ) from last_error
+            self._events.emit("acquire_timeout", duration=wait)
             raise PoolTimeout(
                 f"no connection free in pool {self.name!r} within {wait:.3f}s "
                 f"(size={len(self._slots)}, max_size={self.max_size}, "
@@ -553,7 +586,7 @@ class ResilientPool(Blocks):
 
     async def _lost(self, slot: _Slot, exc: BaseException | None) -> None:
         """A connection was found dead: drop it, check the others, replace it."""
-        self._counters["connections_lost"] += 1
+        self._events.emit("lost", error=exc or _FoundClosed())
         if exc is not None:
             self._last_error = exc
         logger.warning(
@@ -579,7 +612,7 @@ class ResilientPool(Blocks):
         dead = [s for s in self._idle if s not in alive]
         self._idle = deque(alive)
         for slot in dead:
-            self._counters["connections_lost"] += 1
+            self._events.emit("lost", error=_FoundClosed())
             await self._close_slot(slot)
 
     # -- heartbeat -------------------------------------------------------------------
@@ -612,7 +645,7 @@ class ResilientPool(Blocks):
 
     async def _ping(self, slot: _Slot, unpinged: set[_Slot]) -> None:
         unpinged.discard(slot)
-        self._counters["heartbeats"] += 1
+        self._events.emit("heartbeat")
         error: BaseException | None = None
         try:
             with anyio.fail_after(self.heartbeat_timeout):
@@ -625,7 +658,7 @@ class ResilientPool(Blocks):
         if error is None:
             await self._release(slot)
             return
-        self._counters["heartbeat_failures"] += 1
+        self._events.emit("heartbeat_failed", error=error)
         await self._lost(slot, error)
 
     async def run_heartbeat(self) -> None:

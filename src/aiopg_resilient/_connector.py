@@ -1,0 +1,115 @@
+"""Making one connection: the conninfo (a string, or a callable for rotating
+credentials), the resilience defaults, ``configure``, and what a failure means."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
+
+from . import _conninfo
+from ._driver import DriverConnection
+from ._errors import ConfigureError
+from ._retry import testing_scale
+
+__all__ = ["PROBE_INTERVAL", "Configure", "Connector", "Conninfo"]
+
+Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
+Conninfo = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+# A refused connect (nothing listens), a connect closed before any answer (a proxy in
+# front of a stopped server) and "the database system is starting up / shutting down /
+# in recovery" (57P03) cost the server next to nothing: they are probed at most this far
+# apart (jittered), so a server back from a restart or a crash is used within it.
+PROBE_INTERVAL = 0.15
+_CHEAP = (
+    "connection refused",
+    "server closed the connection unexpectedly",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+)
+
+
+class Connector:
+    """Opens connections to one server the way the pool wants them."""
+
+    def __init__(
+        self,
+        conninfo: Conninfo,
+        connect_kwargs: dict[str, Any],
+        *,
+        application_name: str,
+        configure: Configure | None,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        self._source = conninfo
+        self._kwargs = connect_kwargs
+        self._application_name = application_name
+        self.configure = configure
+        self.probe_interval = probe_interval
+        if isinstance(conninfo, str):
+            self._fixed: str | None = self._prepare(conninfo)
+            self.target = _conninfo.describe(self._fixed)
+        else:
+            self._fixed = None
+            self.target = "<callable conninfo>"
+
+    def _prepare(self, conninfo: str) -> str:
+        return _conninfo.apply_defaults(
+            conninfo, self._kwargs, application_name=self._application_name
+        )
+
+    async def _conninfo(self) -> str:
+        if self._fixed is not None:
+            return self._fixed
+        assert callable(self._source)
+        value = self._source()
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, str):
+            raise psycopg.ProgrammingError(
+                f"the conninfo callable returned {type(value).__name__}, not a string"
+            )
+        conninfo = self._prepare(value)
+        self.target = _conninfo.describe(conninfo)
+        return conninfo
+
+    async def connect(self) -> DriverConnection:
+        """A new connection in autocommit mode, configured; its settings remembered."""
+        conn = await DriverConnection.connect(
+            await self._conninfo(), autocommit=True, **self._kwargs
+        )
+        try:
+            if self.configure is not None:
+                try:
+                    await self.configure(conn)
+                    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                        raise psycopg.ProgrammingError(
+                            "it left the connection inside a transaction; commit it or "
+                            "run it in autocommit mode"
+                        )
+                except Exception as exc:
+                    if conn.closed:
+                        raise  # the connection died: a connection failure, retried
+                    raise ConfigureError(f"configure() failed: {exc}") from exc
+        except BaseException:
+            await conn.close()
+            raise
+        conn.keep_settings()
+        return conn
+
+    def delay(self, exc: BaseException, backoff_delay: float, rng: random.Random) -> float:
+        """How long to wait before the next attempt after *exc*: the backoff, capped at
+        the probe interval for failures that cost the server nothing."""
+        if any(needle in str(exc).lower() for needle in _CHEAP):
+            cap = self.probe_interval * rng.uniform(0.5, 1.0)  # jittered too
+            return min(backoff_delay, cap * testing_scale())
+        return backoff_delay

@@ -1,0 +1,74 @@
+"""What a pool knows of its server: reachable or not, the last error, and how long to
+hold off after a configuration error. One object per server, cleared on success."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+from ._errors import Failure, classify
+
+__all__ = ["FATAL_HOLD_FIRST", "FATAL_HOLD_MAX", "ServerState"]
+
+# After a configuration error at login (bad password, no such role or database, pg_hba,
+# SSL mismatch) nobody tries again for this long, doubling while it persists: a rotated
+# password must neither hang requests nor lock the account with a storm of logins.
+FATAL_HOLD_FIRST = 1.0
+FATAL_HOLD_MAX = 30.0
+
+
+def _too_many(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return getattr(exc, "sqlstate", None) == "53300" or "too many clients" in text
+
+
+class ServerState:
+    """Reachability of one server, as the pool's connection attempts find it."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self.down = False
+        """The last connection attempt failed (not a configuration error): probing."""
+        self.last_error: BaseException | None = None
+        self._fatal: BaseException | None = None
+        self._fatal_streak = 0
+        self._hold_until = 0.0
+
+    def reachable(self) -> bool:
+        """Note a successful connect; True if the server was down until now."""
+        was_down = self.down
+        self.down = False
+        self.last_error = None
+        self._fatal = None
+        self._fatal_streak = 0
+        self._hold_until = 0.0
+        return was_down
+
+    def failed(self, exc: BaseException) -> Failure:
+        """Note a failed connect; returns what kind of failure it was."""
+        self.last_error = exc
+        kind = classify(exc)
+        if kind is Failure.FATAL:
+            self._fatal = exc
+            self._fatal_streak += 1
+            hold = min(FATAL_HOLD_MAX, FATAL_HOLD_FIRST * 2 ** (self._fatal_streak - 1))
+            self._hold_until = time.monotonic() + hold * self._rng.uniform(0.8, 1.0)
+        elif not _too_many(exc):
+            # "Too many clients" while growing the pool: the server is up, just full.
+            self.down = True
+        return kind
+
+    def held(self) -> BaseException | None:
+        """While a configuration error holds connecting off: a copy of it for the caller
+        (each caller its own exception object), else None."""
+        if self._fatal is None or time.monotonic() >= self._hold_until:
+            return None
+        try:
+            return copy.copy(self._fatal)
+        except Exception:  # pragma: no cover - an exception that cannot be copied
+            return self._fatal
+
+    @property
+    def hold_remaining(self) -> float:
+        return max(self._hold_until - time.monotonic(), 0.0)
