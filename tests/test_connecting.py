@@ -15,6 +15,7 @@ import pytest
 
 from aiopg_resilient import (
     ConfigureError,
+    PoolClosed,
     PoolEvent,
     PoolTimeout,
     ResilientConnection,
@@ -22,7 +23,7 @@ from aiopg_resilient import (
 )
 from aiopg_resilient.testing import PostgresServer
 
-from .conftest import pool_for, until
+from .conftest import backends, pool_for, until, until_value
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -279,3 +280,33 @@ async def test_one_event_stream(pg: PostgresServer, app_name: str) -> None:
     async with pool_for(pg.dsn, app_name, on_event=on_event_async) as pool:
         assert await pool.fetchval("SELECT 1") == 1
         await until(lambda: "connect" in seen_async)
+
+
+async def test_close_is_clean_under_cancellation(pg: PostgresServer, app_name: str) -> None:
+    """close() cancelled by its caller propagates the cancellation, still closes every
+    idle connection and fails every waiter with its own PoolClosed; nothing goes back
+    into the closed pool afterwards."""
+    pool = pool_for(pg.dsn, app_name, min_size=2, max_size=2, acquire_timeout=5)
+    await pool.open(wait=True, timeout=5)
+    errors: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await pool.fetchval("SELECT 1")
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    # Both connections busy, three callers waiting.
+    async with anyio.create_task_group() as tg, pool.connection(), pool.connection():
+        for _ in range(3):
+            tg.start_soon(waiter)
+        await until(lambda: pool.stats.waiting == 3)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await pool.close()
+        assert scope.cancelled_caught
+    assert len(errors) == 3
+    assert len({id(e) for e in errors}) == 3
+    await until(lambda: pool.stats.size == 0)
+    assert pool.stats.idle == 0
+    await until_value(lambda: backends(pg, app_name), 0, timeout=5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -25,9 +25,7 @@ from ._driver import DriverConnection
 from ._errors import CommitUnknown, ConnectionLost
 from ._failures import failure_of
 from ._ops import Operations
-
-if TYPE_CHECKING:
-    from ._pool import _Slot
+from ._source import Slot
 
 T = TypeVar("T")
 
@@ -64,7 +62,7 @@ class BlockOwner:
     def __init__(
         self,
         ops: Operations,
-        slot: _Slot,
+        slot: Slot,
         *,
         user_commits: bool,
         deadline: float = 0.0,
@@ -152,7 +150,7 @@ async def block(
 ) -> AsyncIterator[DriverConnection]:
     """A connection for a block, committed on clean exit, rolled back on error."""
     attempts = Attempts(ops.retry, ops._rng)
-    slot = await ops._acquire(attempts.deadline)
+    slot = await ops._source._acquire(attempts.deadline)
     conn = slot.conn
     owner = BlockOwner(
         ops, slot, user_commits=user_commits, deadline=attempts.deadline, autocommit=autocommit
@@ -161,18 +159,18 @@ async def block(
     try:
         if not autocommit:
             await conn.set_autocommit(False)
-        with _holding(ops):
+        with _holding(ops._source):
             yield conn
         pending = None if owner.gone else await ops._learn(conn)
     except Exception as exc:
         conn.owner = None
         if isinstance(exc, CommitUnknown) or (owner.gone and isinstance(exc, ConnectionLost)):
             if not owner.gone:
-                await ops._discard(slot)
+                await ops._source._discard(slot)
             raise  # from the user's commit(): already the whole truth
         if owner.gone or await failure_of(conn, exc) is not None:
             if not owner.gone:
-                await ops._lost(slot, exc)
+                await ops._source._lost(slot, exc)
             if autocommit:  # what completed was applied; what was in flight may have been
                 raise CommitUnknown(owner.lost_message(exc)) from exc
             raise ConnectionLost(owner.lost_message(exc)) from exc
@@ -181,7 +179,7 @@ async def block(
     except BaseException:
         conn.owner = None
         if not owner.gone:
-            await ops._discard(slot)
+            await ops._source._discard(slot)
         raise
     conn.owner = None
     if owner.gone:
@@ -196,7 +194,7 @@ async def block(
 class Blocks(Operations):
     """The operations that hand the caller a connection: blocks and run_transaction."""
 
-    _block_autocommit: bool
+    _block_autocommit = False
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[DriverConnection]:
@@ -241,12 +239,12 @@ class Blocks(Operations):
         ``conn.commit()`` / ``conn.rollback()`` raise `psycopg.ProgrammingError`.
         """
 
-        async def body(slot: _Slot) -> tuple[T, Pending | None]:
+        async def body(slot: Slot) -> tuple[T, Pending | None]:
             conn = slot.conn
             conn.owner = BlockOwner(self, slot, user_commits=False)
             try:
                 await conn.set_autocommit(False)
-                with _holding(self):
+                with _holding(self._source):
                     result = await fn(conn, *args, **kwargs)
                 return result, await self._learn(conn)
             finally:

@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, AsyncCursor, AsyncRawCursor, sql
@@ -30,9 +30,7 @@ from ._events import EventStream
 from ._failures import failure_of, is_conflict
 from ._indoubt import Resolver
 from ._retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from ._pool import _Slot
+from ._source import ConnectionSource, Slot
 
 __all__ = ["Operations", "Query"]
 
@@ -85,43 +83,32 @@ class Statement(Generic[T]):
 
 
 class Operations:
-    """fetch/execute/run_transaction on top of a pool's acquire and release."""
+    """fetch/execute and the write protocol, over a `ConnectionSource`."""
 
-    retry: RetryPolicy
-    in_doubt: InDoubt
-    heartbeat_timeout: float
-    _events: EventStream
-    _rng: random.Random
-    _resolver_: Resolver | None = None
-
-    # Provided by the pool.
-    async def _acquire(self, deadline: float) -> _Slot:
-        raise NotImplementedError
-
-    async def _release(self, slot: _Slot) -> None:
-        raise NotImplementedError
-
-    async def _discard(self, slot: _Slot) -> None:
-        raise NotImplementedError
-
-    async def _lost(self, slot: _Slot, exc: BaseException | None) -> None:
-        raise NotImplementedError
-
-    async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    @property
-    def _resolver(self) -> Resolver:
-        if self._resolver_ is None:
-            self._resolver_ = Resolver(
-                self._side_query,
-                patience=self.heartbeat_timeout,
-                retry=self.retry,
-                rng=self._rng,
-                raise_only=self.in_doubt == "raise",
-                emit=self._events.emit,
-            )
-        return self._resolver_
+    def __init__(
+        self,
+        source: ConnectionSource,
+        *,
+        retry: RetryPolicy,
+        in_doubt: InDoubt,
+        heartbeat_timeout: float,
+        rng: random.Random,
+        events: EventStream,
+    ) -> None:
+        self._source = source
+        self.retry = retry
+        self.in_doubt: InDoubt = in_doubt
+        self.heartbeat_timeout = heartbeat_timeout
+        self._rng = rng
+        self._events = events
+        self._resolver = Resolver(
+            source._side_query,
+            patience=heartbeat_timeout,
+            retry=retry,
+            rng=rng,
+            raise_only=in_doubt == "raise",
+            emit=events.emit,
+        )
 
     # -- reads -----------------------------------------------------------------------
 
@@ -175,21 +162,21 @@ class Operations:
         attempts = Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
-            slot = await self._acquire(attempts.deadline)
+            slot = await self._source._acquire(attempts.deadline)
             try:
                 result = await op(slot.conn)
             except Exception as exc:
                 if await failure_of(slot.conn, exc) is None:
-                    await self._release(slot)
+                    await self._source._release(slot)
                     raise
-                await self._lost(slot, exc)
+                await self._source._lost(slot, exc)
                 self._events.emit("retry", error=exc)
                 await attempts.again(exc)
                 continue
             except BaseException:
-                await self._discard(slot)  # cancelled mid-query: its state is unknown
+                await self._source._discard(slot)  # cancelled mid-query: its state is unknown
                 raise
-            await self._release(slot)
+            await self._source._release(slot)
             return result
 
     # -- writes ----------------------------------------------------------------------
@@ -197,7 +184,7 @@ class Operations:
     async def _write(self, stmt: Statement[T]) -> T:
         """Run *stmt* so that it is applied exactly once (see `execute`)."""
 
-        async def body(slot: _Slot) -> tuple[T, Pending | None]:
+        async def body(slot: Slot) -> tuple[T, Pending | None]:
             conn = slot.conn
             if issubclass(conn.cursor_factory, AsyncRawCursor):
                 # $1-style placeholders cannot be bound client-side: three round trips.
@@ -234,7 +221,7 @@ class Operations:
 
     async def _transact(
         self,
-        body: Callable[[_Slot], Awaitable[tuple[T, Pending | None]]],
+        body: Callable[[Slot], Awaitable[tuple[T, Pending | None]]],
         *,
         rerun_conflicts: bool,
     ) -> T:
@@ -244,11 +231,11 @@ class Operations:
         attempts = Attempts(self.retry, self._rng)
         while True:
             attempts.count += 1
-            slot = await self._acquire(attempts.deadline)
+            slot = await self._source._acquire(attempts.deadline)
             try:
                 result, pending = await body(slot)
             except _MayHaveRun as exc:
-                await self._lost(slot, exc.__cause__)
+                await self._source._lost(slot, exc.__cause__)
                 self._events.emit("commit_unknown", outcome="unknown")
                 raise CommitUnknown(
                     "connection lost while a text of several statements ran; if one of them "
@@ -258,7 +245,7 @@ class Operations:
                 failure = await failure_of(slot.conn, exc)
                 if failure is not None:
                     # COMMIT was never sent: the server rolls the transaction back.
-                    await self._lost(slot, exc)
+                    await self._source._lost(slot, exc)
                 else:
                     await self._rollback_and_release(slot)
                     if not (rerun_conflicts and is_conflict(exc)):
@@ -267,7 +254,7 @@ class Operations:
                 await attempts.again(exc, immediate_first=failure is not None)
                 continue
             except BaseException:
-                await self._discard(slot)
+                await self._source._discard(slot)
                 raise
             try:
                 committed = await self._commit(slot, pending, attempts.deadline)
@@ -285,36 +272,36 @@ class Operations:
     async def _once(self, op: Op[T]) -> T:
         """Run *op* once in autocommit; a connection loss raises ConnectionLost."""
         attempts = Attempts(self.retry, self._rng)
-        slot = await self._acquire(attempts.deadline)
+        slot = await self._source._acquire(attempts.deadline)
         try:
             result = await op(slot.conn)
         except Exception as exc:
             if await failure_of(slot.conn, exc) is not None:
-                await self._lost(slot, exc)
+                await self._source._lost(slot, exc)
                 raise ConnectionLost(
                     f"connection lost while the statement may have run; not retried: {exc}"
                 ) from exc
-            await self._release(slot)
+            await self._source._release(slot)
             raise
         except BaseException:
-            await self._discard(slot)
+            await self._source._discard(slot)
             raise
-        await self._release(slot)
+        await self._source._release(slot)
         return result
 
-    async def _rollback_and_release(self, slot: _Slot) -> None:
+    async def _rollback_and_release(self, slot: Slot) -> None:
         conn = slot.conn
         conn.owner = None
         try:
             if conn.pgconn.transaction_status != _IDLE:
                 await conn.plain_rollback()
         except Exception:
-            await self._discard(slot)
+            await self._source._discard(slot)
             return
         except BaseException:
-            await self._discard(slot)
+            await self._source._discard(slot)
             raise
-        await self._release(slot)
+        await self._source._release(slot)
 
     async def _learn(self, conn: DriverConnection) -> Pending | None:
         """Before COMMIT: the transaction's id, backend and server incarnation (one round
@@ -334,7 +321,7 @@ class Operations:
 
     async def _commit(
         self,
-        slot: _Slot,
+        slot: Slot,
         pending: Pending | None,
         deadline: float,
         *,
@@ -352,12 +339,12 @@ class Operations:
             lost = True
             if on_lost is not None:
                 on_lost()
-            await self._lost(slot, exc)
+            await self._source._lost(slot, exc)
 
         conn = slot.conn
         if pending is None and conn.pgconn.transaction_status == _IDLE:
             if not keep:  # nothing to commit (the block ran nothing, or ended it itself)
-                await self._release(slot)
+                await self._source._release(slot)
             return True
         try:
             committed = await self._resolver.commit(conn, pending, deadline, drop)
@@ -366,10 +353,10 @@ class Operations:
                 if isinstance(exc, psycopg.Error) and not isinstance(exc, CommitUnknown):
                     await self._rollback_and_release(slot)  # the server answered: rolled back
                 else:
-                    await self._discard(slot)
+                    await self._source._discard(slot)
             raise
         if not lost and not keep:
-            await self._release(slot)
+            await self._source._release(slot)
         return committed
 
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, suppress
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
+from psycopg import AsyncConnection
+from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
 
 from ._attempts import Attempts
@@ -31,26 +33,20 @@ from ._errors import (
 )
 from ._events import EventStream, OnEvent
 from ._failures import failure_of
+from ._filling import fill, first_connection, need
+from ._heartbeat import maintain, ping_idle
 from ._liveness import looks_alive
-from ._ops import InDoubt
-from ._retry import Backoff, RetryPolicy
+from ._ops import InDoubt, Query
+from ._retry import RetryPolicy
 from ._server_state import ServerState
+from ._source import Slot
 from ._stats import PoolStats
 
 __all__ = ["ResilientPool"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
-
-@dataclass(eq=False)
-class _Slot:
-    """A pooled connection and its bookkeeping."""
-
-    conn: DriverConnection
-    created: float
-    expires: float | None
-    last_used: float
-    next_check: float = 0.0
+T = TypeVar("T")
 
 
 class _FoundClosed(Exception):
@@ -64,12 +60,12 @@ class _Expired(Exception):
     """A waiter's time ran out (internal)."""
 
 
-def _expire(fut: asyncio.Future[_Slot]) -> None:
+def _expire(fut: asyncio.Future[Slot]) -> None:
     if not fut.done():
         fut.set_exception(_Expired())
 
 
-class ResilientPool(Blocks):
+class ResilientPool:
     """A pool of psycopg `AsyncConnection` that hides transient failures from reads.
 
     Open it with ``async with ResilientPool(dsn) as pool`` or ``await pool.open()`` /
@@ -159,12 +155,12 @@ class ResilientPool(Blocks):
 
         self._opened = False
         self._closed = False
-        self._slots: set[_Slot] = set()
-        self._idle: deque[_Slot] = deque()
+        self._slots: set[Slot] = set()
+        self._idle: deque[Slot] = deque()
         # Callers waiting for a connection, first come first served. A plain future per
         # waiter (and a loop timer for its deadline) costs a fraction of an anyio Event
         # plus a cancel scope, on the path every caller takes when the pool is busy.
-        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._waiters: deque[asyncio.Future[Slot]] = deque()
         self._connecting = 0
         self._rng = random.Random()
         self._server = ServerState(self._rng)
@@ -176,6 +172,15 @@ class ResilientPool(Blocks):
         # ResilientConnection: a query inside one of its own blocks raises at once.
         self._refuse_reentry = False
         self._events = EventStream(self.name, on_event)
+        self._ops = Blocks(
+            self,
+            retry=self.retry,
+            in_doubt=in_doubt,
+            heartbeat_timeout=heartbeat_timeout,
+            rng=self._rng,
+            events=self._events,
+        )
+        self._ops._block_autocommit = self._block_autocommit
         self._last_error: BaseException | None = None  # for stats: never cleared
 
     @property
@@ -194,6 +199,39 @@ class ResilientPool(Blocks):
             f"size={len(self._slots)} idle={len(self._idle)}>"
         )
 
+    # -- operations (see _ops and _blocks) -------------------------------------------
+
+    async def fetch(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> list[Any]:
+        return await self._ops.fetch(query, params, idempotent=idempotent)
+
+    async def fetchone(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> Any:
+        return await self._ops.fetchone(query, params, idempotent=idempotent)
+
+    async def fetchval(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = True
+    ) -> Any:
+        return await self._ops.fetchval(query, params, idempotent=idempotent)
+
+    async def execute(
+        self, query: Query, params: Params | None = None, *, idempotent: bool = False
+    ) -> int:
+        return await self._ops.execute(query, params, idempotent=idempotent)
+
+    def connection(self) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        return self._ops.connection()
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        return self._ops.transaction()
+
+    async def run_transaction(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        return await self._ops.run_transaction(fn, *args, **kwargs)
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
@@ -211,36 +249,14 @@ class ResilientPool(Blocks):
             self._opened = True
             logger.info("pool %r opening to %s", self.name, self._target)
             if self.min_size > 0:
-                slot = await self._first_connection()
+                slot = await first_connection(self)
                 if slot is not None:
                     self._put(slot)
             self._wake_connector()
             if not self._user_heartbeat:
-                self._maintainer = self._spawn(_maintain(weakref.ref(self)))
+                self._maintainer = self._spawn(maintain(weakref.ref(self)))
         if wait:
             await self.wait(timeout)
-
-    async def _first_connection(self) -> _Slot | None:
-        self._connecting += 1
-        try:
-            conn = await self._connect()
-        except Exception as exc:
-            if self._note_connect_failure(exc) is Failure.FATAL:
-                self._closed = True
-                raise
-            logger.warning(
-                "pool %r could not connect to %s yet (%s); retrying in the background",
-                self.name,
-                self._target,
-                exc,
-            )
-            return None
-        except BaseException:
-            self._closed = True
-            raise
-        finally:
-            self._connecting -= 1
-        return self._new_slot(conn)
 
     async def wait(self, timeout: float = 30.0) -> None:
         """Wait until ``min_size`` connections are up; `PoolTimeout` after *timeout*, or
@@ -268,14 +284,15 @@ class ResilientPool(Blocks):
         if self._closed and not self._tasks:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with suppress(BaseException):
-                await task
+        # What needs no waiting first, so a cancelled close() still closes it all.
         self._fail_waiters(PoolClosed(f"pool {self.name!r} was closed"))
         while self._idle:
-            await self._close_slot(self._idle.pop())
+            await self._close_slot(self._idle.pop())  # never suspends
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)  # the caller's own cancellation propagates
         logger.info("pool %r closed", self.name)
 
     async def __aenter__(self) -> ResilientPool:
@@ -324,18 +341,18 @@ class ResilientPool(Blocks):
         self._events.emit("connect", duration=time.monotonic() - started)
         return conn
 
-    def _new_slot(self, conn: DriverConnection) -> _Slot:
+    def _new_slot(self, conn: DriverConnection) -> Slot:
         now = time.monotonic()
         expires = None
         if self.max_lifetime is not None:
             # Up to 10% earlier, so connections made together do not expire together.
             expires = now + self.max_lifetime * self._rng.uniform(0.9, 1.0)
-        slot = _Slot(conn=conn, created=now, expires=expires, last_used=now)
+        slot = Slot(conn=conn, created=now, expires=expires, last_used=now)
         self._schedule_check(slot, now)
         self._slots.add(slot)
         return slot
 
-    def _schedule_check(self, slot: _Slot, now: float) -> None:
+    def _schedule_check(self, slot: Slot, now: float) -> None:
         if self.heartbeat_interval is not None:
             slot.next_check = now + self.heartbeat_interval * self._rng.uniform(0.8, 1.0)
 
@@ -348,12 +365,6 @@ class ResilientPool(Blocks):
             self._events.emit("down", error=exc)
         return kind
 
-    def _need(self) -> int:
-        """How many connections to open now."""
-        total = len(self._slots) + self._connecting
-        for_waiters = min(len(self._waiters) - self._connecting, self.max_size - total)
-        return max(self.min_size - total, for_waiters, 0)
-
     def _wake_connector(self) -> None:
         if self._closed or not self._opened:
             return
@@ -362,70 +373,24 @@ class ResilientPool(Blocks):
             # A configuration error holds connecting off: callers hear it at once.
             self._fail_waiters(held)
             return
-        if (self._connector_task is None or self._connector_task.done()) and self._need() > 0:
-            self._connector_task = self._spawn(self._run_connector())
-
-    async def _run_connector(self) -> None:
-        """Open connections while they are needed: one probe at a time while the server
-        is down (jittered backoff, shared by every waiter), up to ``max_connecting`` in
-        parallel once it is up."""
-        backoff: Backoff | None = None
-        while not self._closed:
-            need = self._need()
-            if need <= 0:
-                return
-            batch = 1 if self._server.down else min(need, self.max_connecting)
-            failures: list[BaseException] = []
-            if batch == 1:
-                await self._attempt(failures)
-            else:
-                async with anyio.create_task_group() as tg:
-                    for _ in range(batch):
-                        tg.start_soon(self._attempt, failures)
-            if not failures:
-                backoff = None
-                continue
-            exc = failures[-1]
-            if classify(exc) is Failure.FATAL:
-                # Waiters hear it now; new attempts wait for the hold (ServerState).
-                self._fail_waiters(exc)
-                return
-            if backoff is None:
-                backoff = Backoff(self.retry, self._rng)
-            delay = self._connector.delay(exc, backoff.next(), self._rng)
-            logger.debug("pool %r retrying connect in %.3fs", self.name, delay)
-            await anyio.sleep(delay)
-
-    async def _attempt(self, failures: list[BaseException]) -> None:
-        self._connecting += 1
-        try:
-            conn = await self._connect()
-        except Exception as exc:
-            kind = self._note_connect_failure(exc)
-            failures.append(exc)
-            level = logging.ERROR if kind is Failure.FATAL else logging.WARNING
-            logger.log(level, "pool %r: connect to %s failed: %s", self.name, self._target, exc)
-            return
-        finally:
-            self._connecting -= 1
-        if self._server.reachable():
-            self._events.emit("up")
-            logger.info("pool %r: %s is reachable again", self.name, self._target)
-        if self._closed:
-            await conn.close()
-            return
-        self._put(self._new_slot(conn))
+        if (self._connector_task is None or self._connector_task.done()) and need(self) > 0:
+            self._connector_task = self._spawn(fill(self))
 
     def _fail_waiters(self, exc: BaseException) -> None:
+        """Fail every waiter, each with its own copy of *exc* (tracebacks stay apart)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(exc)
+                waiter.set_exception(copy.copy(exc))
 
     # -- acquire / release -----------------------------------------------------------
 
-    def _put(self, slot: _Slot) -> None:
+    def _put(self, slot: Slot) -> None:
         """Hand a healthy connection to the first waiter, or make it idle."""
+        if self._closed:  # nothing goes back into a closed pool
+            self._slots.discard(slot)
+            _close_later(slot.conn)
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():  # skip callers that gave up
@@ -433,7 +398,7 @@ class ResilientPool(Blocks):
                 return
         self._idle.append(slot)
 
-    async def _take_idle(self) -> _Slot | None:
+    async def _take_idle(self) -> Slot | None:
         now = time.monotonic()
         while self._idle:
             slot = self._idle.pop()
@@ -445,7 +410,7 @@ class ResilientPool(Blocks):
                 await self._lost(slot, None)
         return None
 
-    async def _acquire(self, deadline: float) -> _Slot:
+    async def _acquire(self, deadline: float) -> Slot:
         """A live connection, waiting at most until *deadline* (monotonic)."""
         if not self._opened or self._closed:
             raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closed else 'not open'}")
@@ -463,7 +428,7 @@ class ResilientPool(Blocks):
                 "gave you (await conn.execute(...))."
             )
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[_Slot] = loop.create_future()
+        waiter: asyncio.Future[Slot] = loop.create_future()
         failures_before = self._events.counters["connect_failures"]
         self._waiters.append(waiter)
         self._wake_connector()
@@ -499,7 +464,7 @@ class ResilientPool(Blocks):
         finally:
             timer.cancel()
 
-    async def _release(self, slot: _Slot) -> None:
+    async def _release(self, slot: Slot) -> None:
         """Return a connection after use: idle if clean, else discarded."""
         conn = slot.conn
         if (
@@ -569,22 +534,22 @@ class ResilientPool(Blocks):
                     await self._discard(slot)
                 raise
 
-    async def _discard(self, slot: _Slot) -> None:
+    async def _discard(self, slot: Slot) -> None:
         """Close a connection whose state is unknown or bad, and replace it."""
         await self._close_slot(slot)
         self._wake_connector()
 
-    async def _close_slot(self, slot: _Slot) -> None:
+    async def _close_slot(self, slot: Slot) -> None:
         # AsyncConnection.close() never suspends, so this completes even when the
         # caller is being cancelled: no connection leaks.
         self._slots.discard(slot)
         await slot.conn.close()
 
-    async def _retire(self, slot: _Slot) -> None:
+    async def _retire(self, slot: Slot) -> None:
         logger.debug("pool %r: retiring a connection past its lifetime", self.name)
         await self._discard(slot)
 
-    async def _lost(self, slot: _Slot, exc: BaseException | None) -> None:
+    async def _lost(self, slot: Slot, exc: BaseException | None) -> None:
         """A connection was found dead: drop it, check the others, replace it."""
         self._events.emit("lost", error=exc or _FoundClosed())
         if exc is not None:
@@ -624,42 +589,7 @@ class ResilientPool(Blocks):
 
     async def check(self) -> None:
         """Ping every idle connection now (``SELECT 1`` within ``heartbeat_timeout``)."""
-        await self._ping_idle(lambda slot: True)
-
-    async def _ping_idle(self, due: Callable[[_Slot], bool]) -> None:
-        slots = [s for s in self._idle if due(s)]
-        if not slots:
-            return
-        for slot in slots:
-            self._idle.remove(slot)
-        unpinged = set(slots)
-        try:
-            async with anyio.create_task_group() as tg:
-                for slot in slots:
-                    tg.start_soon(self._ping, slot, unpinged)
-        finally:
-            # Cancelled before some pings even started: those connections are as good
-            # as they were, back to the pool with them.
-            for slot in unpinged:
-                self._put(slot)
-
-    async def _ping(self, slot: _Slot, unpinged: set[_Slot]) -> None:
-        unpinged.discard(slot)
-        self._events.emit("heartbeat")
-        error: BaseException | None = None
-        try:
-            with anyio.fail_after(self.heartbeat_timeout):
-                await tuple_cursor(slot.conn).execute("SELECT 1")
-        except Exception as exc:
-            error = exc
-        except BaseException:
-            await self._close_slot(slot)
-            raise
-        if error is None:
-            await self._release(slot)
-            return
-        self._events.emit("heartbeat_failed", error=error)
-        await self._lost(slot, error)
+        await ping_idle(self, lambda slot: True)
 
     async def run_heartbeat(self) -> None:
         """Run the heartbeat and maintenance in the caller's task, until cancelled.
@@ -670,50 +600,31 @@ class ResilientPool(Blocks):
         self._user_heartbeat = True
         if self._maintainer is not None:
             self._maintainer.cancel()
-        await _maintain(weakref.ref(self))
+        await maintain(weakref.ref(self))
 
-    async def _maintain_once(self) -> None:
-        now = time.monotonic()
-        # Expired lifetimes and idle connections above min_size.
-        drop: list[_Slot] = []
-        size = len(self._slots)
-        for slot in self._idle:
-            if slot.expires is not None and now >= slot.expires:
-                drop.append(slot)
-            elif (
-                self.max_idle is not None
-                and now - slot.last_used > self.max_idle
-                and size > self.min_size
-            ):
-                drop.append(slot)
-                size -= 1
-        if drop:
-            self._idle = deque(s for s in self._idle if s not in drop)
-            for slot in drop:
-                await self._close_slot(slot)
-        if self.heartbeat_interval is not None:
-            await self._ping_idle(lambda s: now >= s.next_check)
-        self._wake_connector()
+
+for _name in (
+    "fetch",
+    "fetchone",
+    "fetchval",
+    "execute",
+    "connection",
+    "transaction",
+    "run_transaction",
+):
+    getattr(ResilientPool, _name).__doc__ = getattr(Blocks, _name).__doc__
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(conn: DriverConnection) -> None:
+    task = asyncio.ensure_future(conn.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:
     cur = tuple_cursor(conn)
     await cur.execute(query, params)
     return await cur.fetchone()
-
-
-async def _maintain(ref: weakref.ref[ResilientPool]) -> None:
-    """The pool's background loop; holds only a weak reference to the pool."""
-    while True:
-        pool = ref()
-        if pool is None or pool._closed:
-            return
-        tick = 1.0
-        if pool.heartbeat_interval is not None:
-            tick = min(tick, pool.heartbeat_interval / 4)
-        try:
-            await pool._maintain_once()
-        except Exception:
-            logger.exception("pool %r: heartbeat failed; carrying on", pool.name)
-        del pool
-        await anyio.sleep(tick)

@@ -1,0 +1,105 @@
+"""Filling the pool: the first connection at open, and the background task that opens
+connections while they are needed (one probe at a time while the server is down, up to
+``max_connecting`` at once when it is up)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._errors import Failure, classify
+from ._retry import Backoff
+from ._source import Slot
+
+if TYPE_CHECKING:
+    from ._pool import ResilientPool
+
+__all__ = ["fill", "first_connection", "need"]
+
+logger = logging.getLogger("aiopg_resilient.pool")
+
+
+async def first_connection(pool: ResilientPool) -> Slot | None:
+    """The connection open() makes itself: a configuration error raises here."""
+    pool._connecting += 1
+    try:
+        conn = await pool._connect()
+    except Exception as exc:
+        if pool._note_connect_failure(exc) is Failure.FATAL:
+            pool._closed = True
+            raise
+        logger.warning(
+            "pool %r could not connect to %s yet (%s); retrying in the background",
+            pool.name,
+            pool._target,
+            exc,
+        )
+        return None
+    except BaseException:
+        pool._closed = True
+        raise
+    finally:
+        pool._connecting -= 1
+    return pool._new_slot(conn)
+
+
+def need(pool: ResilientPool) -> int:
+    """How many connections to open now."""
+    total = len(pool._slots) + pool._connecting
+    for_waiters = min(len(pool._waiters) - pool._connecting, pool.max_size - total)
+    return max(pool.min_size - total, for_waiters, 0)
+
+
+async def fill(pool: ResilientPool) -> None:
+    """Open connections while they are needed: one probe at a time while the server
+    is down (jittered backoff, shared by every waiter), up to ``max_connecting`` in
+    parallel once it is up."""
+    backoff: Backoff | None = None
+    while not pool._closed:
+        count = need(pool)
+        if count <= 0:
+            return
+        batch = 1 if pool._server.down else min(count, pool.max_connecting)
+        failures: list[BaseException] = []
+        if batch == 1:
+            await _attempt(pool, failures)
+        else:
+            async with anyio.create_task_group() as tg:
+                for _ in range(batch):
+                    tg.start_soon(_attempt, pool, failures)
+        if not failures:
+            backoff = None
+            continue
+        exc = failures[-1]
+        if classify(exc) is Failure.FATAL:
+            # Waiters hear it now; new attempts wait for the hold (ServerState).
+            pool._fail_waiters(exc)
+            return
+        if backoff is None:
+            backoff = Backoff(pool.retry, pool._rng)
+        delay = pool._connector.delay(exc, backoff.next(), pool._rng)
+        logger.debug("pool %r retrying connect in %.3fs", pool.name, delay)
+        await anyio.sleep(delay)
+
+
+async def _attempt(pool: ResilientPool, failures: list[BaseException]) -> None:
+    pool._connecting += 1
+    try:
+        conn = await pool._connect()
+    except Exception as exc:
+        kind = pool._note_connect_failure(exc)
+        failures.append(exc)
+        level = logging.ERROR if kind is Failure.FATAL else logging.WARNING
+        logger.log(level, "pool %r: connect to %s failed: %s", pool.name, pool._target, exc)
+        return
+    finally:
+        pool._connecting -= 1
+    if pool._server.reachable():
+        pool._events.emit("up")
+        logger.info("pool %r: %s is reachable again", pool.name, pool._target)
+    if pool._closed:
+        await conn.close()
+        return
+    pool._put(pool._new_slot(conn))
