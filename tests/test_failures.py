@@ -285,8 +285,10 @@ async def test_frozen_query_with_anyio_timeout_returns_at_the_deadline(
         await conn.execute("SELECT 1")
     elapsed = time.monotonic() - start
     assert 1 <= elapsed < 2.5
-    assert conn.broken
-    assert conn.closed
+    version = tuple(int(part) for part in psycopg.__version__.split(".")[:3])
+    if version >= (3, 3, 9):  # older psycopg leaves the connection as it was (ACTIVE)
+        assert conn.broken
+        assert conn.closed
 
 
 # -- 6. nobody listening ----------------------------------------------------------------------

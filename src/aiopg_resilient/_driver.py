@@ -185,9 +185,17 @@ def _cancel_in_background(conn: AsyncConnection[Any]) -> None:
             cancel_conn = conn.pgconn.cancel_conn()
             cancel_conn.start()
             task = asyncio.ensure_future(_drive(cancel_conn))
-        else:
+        elif psycopg.pq.__impl__ == "python":
             pgcancel = conn.pgconn.get_cancel()
             task = asyncio.ensure_future(asyncio.to_thread(pgcancel.cancel))
+        else:
+            # libpq < 17 under psycopg's C implementation: PGcancel.cancel() blocks in
+            # PQcancel holding the GIL, so even from a thread a frozen peer would freeze
+            # the whole process. The connection is closed anyway: no cancel request.
+            logger.debug(
+                "no cancel request sent: libpq %s has no non-blocking cancel", psycopg.pq.version()
+            )
+            return
     except Exception as exc:  # best effort: the connection is being closed anyway
         logger.debug("could not send a cancel request: %s", exc)
         return
