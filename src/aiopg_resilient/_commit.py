@@ -34,10 +34,12 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "IDENTITY_QUERY",
     "RESOLVE_QUERY",
     "TERMINATE_QUERY",
     "WRITE_XID_QUERY",
     "XID_QUERY",
+    "Identity",
     "Incarnation",
     "Pending",
     "Probe",
@@ -49,17 +51,28 @@ __all__ = [
 # The incarnation of the server, as text columns: its system identifier, its timeline
 # (NULL on a standby), its start time, and the crash marker. Epochs, not timestamps as
 # text, so that a session's TimeZone or DateStyle does not change the answer.
-_INCARNATION = (
-    "(SELECT system_identifier::text FROM pg_control_system()) AS system_id, "
+_TIMELINE = (
     "CASE WHEN pg_is_in_recovery() THEN NULL "
-    "ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END AS timeline, "
-    "extract(epoch FROM pg_postmaster_start_time())::text AS started, "
-    "(SELECT extract(epoch FROM stats_reset)::text FROM pg_stat_bgwriter) AS crash_mark"
+    "ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END"
 )
+_SYSTEM_ID = "(SELECT system_identifier::text FROM pg_control_system())"
+_STARTED = "extract(epoch FROM pg_postmaster_start_time())::text"
+_CRASH_MARK = "(SELECT extract(epoch FROM stats_reset)::text FROM pg_stat_bgwriter)"
+_INCARNATION = (
+    f"{_SYSTEM_ID} AS system_id, {_TIMELINE} AS timeline, {_STARTED} AS started, "
+    f"{_CRASH_MARK} AS crash_mark"
+)
+
+# What cannot change during a connection's life (a restart or a crash recovery ends every
+# connection): learnt once, when the connection is made. The timeline can change (a
+# standby promoted under its connections): it is learnt with every id.
+IDENTITY_QUERY = f"SELECT {_SYSTEM_ID}, {_STARTED}, {_CRASH_MARK}"
+Identity = tuple[str | None, str | None, str | None]
+"""A row of `IDENTITY_QUERY`: system identifier, start time, crash marker."""
 
 XID_QUERY = (
     "SELECT pg_current_xact_id_if_assigned()::text AS xid, pg_backend_pid() AS pid, "
-    f"{_INCARNATION}, extract(epoch FROM clock_timestamp())::text AS issued_at"
+    f"{_TIMELINE} AS timeline, extract(epoch FROM clock_timestamp())::text AS issued_at"
 )
 # For execute(): the statement is a write, so the transaction always gets an id, even
 # when nothing but COMMIT would assign one (NOTIFY, pg_notify()).
@@ -126,6 +139,17 @@ class Pending:
         issued = None if row[6] is None else float(str(row[6]))
         incarnation = Incarnation.from_row(tuple(row[2:6]))
         return cls(int(str(row[0])), int(str(row[1])), incarnation, issued)
+
+    @classmethod
+    def learnt(cls, row: tuple[object, ...] | None, identity: Identity | None) -> Pending | None:
+        """From a row of `XID_QUERY` and the connection's `Identity` (None when it could
+        not be learnt: then nothing can be tied to it, and an outcome in doubt is
+        unknown)."""
+        if row is None or row[0] is None:
+            return None
+        xid, pid, timeline, issued = row
+        system_id, started, crash_mark = identity or (None, None, None)
+        return cls.from_row((xid, pid, system_id, timeline, started, crash_mark, issued))
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ class ResilientConnection:
                 yield notify
             # Quiet for a whole interval: make sure the connection is still there.
             with anyio.fail_after(pool.heartbeat_timeout):
-                await tuple_cursor(conn).execute("SELECT 1")
+                await tuple_cursor(conn).execute("SELECT 1", prepare=False)
 
     async def _listener(self, lost_at: float | None) -> AsyncConnection[Any]:
         """Connect the listening connection, with backoff while the server is down."""

@@ -4,6 +4,7 @@ credentials), the resilience defaults, ``configure``, and what a failure means."
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,11 +14,14 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
-from ._driver import DriverConnection
+from ._commit import IDENTITY_QUERY, Identity
+from ._driver import DriverConnection, tuple_cursor
 from ._errors import ConfigureError
 from ._retry import testing_scale
 
 __all__ = ["PROBE_INTERVAL", "Configure", "Connector", "Conninfo"]
+
+logger = logging.getLogger("aiopg_resilient.pool")
 
 Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 Conninfo = str | Callable[[], str] | Callable[[], Awaitable[str]]
@@ -100,6 +104,7 @@ class Connector:
                     if conn.closed:
                         raise  # the connection died: a connection failure, retried
                     raise ConfigureError(f"configure() failed: {exc}") from exc
+            conn.identity = await _identity(conn)
         except BaseException:
             await conn.close()
             raise
@@ -113,3 +118,24 @@ class Connector:
             cap = self.probe_interval * rng.uniform(0.5, 1.0)  # jittered too
             return min(backoff_delay, cap * testing_scale())
         return backoff_delay
+
+
+async def _identity(conn: DriverConnection) -> Identity | None:
+    """The incarnation of the server behind *conn*, or None if it cannot be read (then a
+    COMMIT in doubt on this connection is `CommitUnknown`, never a guess)."""
+    try:
+        cur = tuple_cursor(conn)
+        await cur.execute(IDENTITY_QUERY, prepare=False)
+        row = await cur.fetchone()
+    except psycopg.Error as exc:
+        if conn.closed:
+            raise
+        logger.warning(
+            "cannot read the server's identity (%s): a COMMIT in doubt will be CommitUnknown",
+            exc,
+        )
+        return None
+    if row is None:
+        return None
+    system_id, started, crash_mark = (None if v is None else str(v) for v in row)
+    return system_id, started, crash_mark

@@ -55,6 +55,7 @@ _REPORTED = (
     "application_name",
     "standard_conforming_strings",
 )
+_REPORTED_BYTES = tuple(name.encode() for name in _REPORTED)
 
 
 class DriverConnection(AsyncConnection[Any]):
@@ -65,6 +66,8 @@ class DriverConnection(AsyncConnection[Any]):
     interrupted = False
     """Closed by the layer because the caller was cancelled mid-query (not a failure)."""
     owner: Owner | None = None
+    identity: tuple[str | None, str | None, str | None] | None = None
+    """The server incarnation this connection lives in (see `_commit.IDENTITY_QUERY`)."""
     _baseline: tuple[Any, ...] = ()
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
@@ -128,15 +131,16 @@ class DriverConnection(AsyncConnection[Any]):
 
     # -- what a borrower changed ------------------------------------------------------
 
-    _reported: tuple[str | None, ...] = ()
+    _reported: tuple[bytes | None, ...] = ()
 
     def keep_settings(self) -> None:
         """Remember the connection's settings as configured, to restore them later."""
         self._baseline = self._settings()
         self._reported = self._reported_now()
 
-    def _reported_now(self) -> tuple[str | None, ...]:
-        return tuple(self.info.parameter_status(name) for name in _REPORTED)
+    def _reported_now(self) -> tuple[bytes | None, ...]:
+        status = self.pgconn.parameter_status
+        return tuple(status(name) for name in _REPORTED_BYTES)
 
     def _settings(self) -> tuple[Any, ...]:
         return (
@@ -158,8 +162,9 @@ class DriverConnection(AsyncConnection[Any]):
                 if value is not None and value != now
             ]
             cur = tuple_cursor(self)
-            for name, value in changed:
-                await cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+            for name, raw in changed:
+                value = raw.decode()
+                await cur.execute("SELECT set_config(%s, %s, false)", (name, value), prepare=False)
         if not self._baseline or self._settings() == self._baseline:
             return
         row_factory, cursor_factory, prepare_threshold, isolation, read_only, deferrable = (

@@ -41,7 +41,7 @@ async def _in_recovery(conn: DriverConnection) -> bool:
         if conn.pgconn.transaction_status != TransactionStatus.IDLE:
             await conn.plain_rollback()
         cur = tuple_cursor(conn)
-        await cur.execute("SELECT pg_is_in_recovery()")
+        await cur.execute("SELECT pg_is_in_recovery()", prepare=False)
         row = await cur.fetchone()
     except psycopg.Error:
         return False

@@ -49,7 +49,7 @@ async def _ping(pool: ResilientPool, slot: Slot, unpinged: set[Slot]) -> None:
     error: BaseException | None = None
     try:
         with anyio.fail_after(pool.heartbeat_timeout):
-            await tuple_cursor(slot.conn).execute("SELECT 1")
+            await tuple_cursor(slot.conn).execute("SELECT 1", prepare=False)
     except Exception as exc:
         error = exc
     except BaseException:

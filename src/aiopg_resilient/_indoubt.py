@@ -13,11 +13,11 @@ while resolving (no free connection, an outage, a permission error) is `CommitUn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -112,47 +112,56 @@ class Resolver:
             ) from exc
 
     async def _send(self, conn: DriverConnection, pending: Pending | None, out: _Outcome) -> None:
-        """Send COMMIT; wait for its answer, or for the watcher's verdict."""
+        """Send COMMIT; wait for its answer, looking at the old backend from another
+        connection each time *patience* passes without one, until that proves the
+        outcome. The COMMIT runs in a task of its own, so that giving up on it (a
+        verdict, the caller's cancellation) never cancels it on the server."""
+        task = asyncio.ensure_future(_commit_answer(conn))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._patience)
+            while not done:
+                verdict = await self._look(pending)
+                if verdict is not None:
+                    out.verdict = verdict
+                    task.cancel()  # closes the connection; no cancel request
+                    await asyncio.wait({task})
+                    break
+                done, _ = await asyncio.wait({task}, timeout=self._patience)
+        except BaseException:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            out.answered, out.verdict = True, None
+        elif isinstance(error, Exception):
+            out.error = error
+        else:  # pragma: no cover - a KeyboardInterrupt inside the task
+            raise error
 
-        async def watch(scope: anyio.CancelScope) -> None:
-            if pending is None:
-                # Nothing was written: after patience, the outcome does not matter.
-                await anyio.sleep(self._patience)
-                out.verdict = Verdict(Step.COMMITTED, "the transaction wrote nothing")
-            else:
-                out.verdict = await self._watch(pending)
-            scope.cancel()
-
-        with _protected(conn):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch, tg.cancel_scope)
-                try:
-                    await AsyncCursor(conn).execute(b"COMMIT")
-                    out.answered = True
-                except Exception as exc:
-                    out.error = exc
-                tg.cancel_scope.cancel()
-
-    async def _watch(self, pending: Pending) -> Verdict:
-        """While a COMMIT is unanswered: look at its backend every *patience* seconds
-        until that proves the outcome (the backend is no longer busy with it)."""
-        delay = self._patience
-        while True:
-            await anyio.sleep(delay)
-            try:
+    async def _look(self, pending: Pending | None) -> Verdict | None:
+        """No answer to COMMIT within patience: a final verdict, or None to keep waiting
+        (the old backend is busy with it: a synchronous-replication wait...)."""
+        if pending is None:
+            # Nothing was written: the outcome does not matter.
+            return Verdict(Step.COMMITTED, "the transaction wrote nothing")
+        try:
+            verdict = await self._probe(pending)
+            while verdict.step is Step.TERMINATE:
                 verdict = await self._probe(pending)
-            except Exception as exc:
-                return Verdict(Step.UNKNOWN, f"no answer to COMMIT, and cannot look: {exc}")
-            if verdict.final:
-                logger.warning(
-                    "no answer to the COMMIT of transaction %s within %.3gs: %s",
-                    pending.xid,
-                    self._patience,
-                    verdict.step.value,
-                )
-                return verdict
-            # Busy committing (a synchronous-replication wait...): keep waiting for it.
-            delay = self._patience if verdict.step is Step.WAIT else 0.0
+        except Exception as exc:
+            return Verdict(Step.UNKNOWN, f"no answer to COMMIT, and cannot look: {exc}")
+        if not verdict.final:
+            return None
+        logger.warning(
+            "no answer to the COMMIT of transaction %s within %.3gs: %s",
+            pending.xid,
+            self._patience,
+            verdict.step.value,
+        )
+        return verdict
 
     async def _probe(self, pending: Pending) -> Verdict:
         params = {"xid": str(pending.xid), "pid": pending.pid}
@@ -209,13 +218,15 @@ def _lost_answer(exc: Exception) -> bool:
     return classify(exc) is Failure.CONNECTION
 
 
-@contextmanager
-def _protected(conn: DriverConnection) -> Iterator[None]:
-    """While COMMIT is out, an interrupted wait closes the connection without asking the
-    server to cancel (see `DriverConnection.wait`)."""
-    previous = conn.protect_commit
+async def _commit_answer(conn: DriverConnection) -> None:
+    """COMMIT, with the connection told not to cancel it if this task is cancelled."""
     conn.protect_commit = True
     try:
-        yield
+        await AsyncCursor(conn).execute(b"COMMIT", prepare=False)
     finally:
-        conn.protect_commit = previous
+        conn.protect_commit = False
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # abandoned: its outcome is resolved elsewhere

@@ -188,7 +188,7 @@ class Operations:
             conn = slot.conn
             if issubclass(conn.cursor_factory, AsyncRawCursor):
                 # $1-style placeholders cannot be bound client-side: three round trips.
-                await tuple_cursor(conn).execute("BEGIN")
+                await tuple_cursor(conn).execute("BEGIN", prepare=False)
                 result = await stmt.run(conn)
                 return result, await self._learn(conn)
             # One round trip: BEGIN, the statement and the transaction's id, sent as one
@@ -199,7 +199,7 @@ class Operations:
             )
             text = cur.mogrify(stmt.query, stmt.params)
             try:
-                await cur.execute(f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}")
+                await cur.execute(f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}", prepare=False)
             except Exception as exc:
                 if ";" in text.strip().rstrip(";") and conn.closed and not conn.interrupted:
                     # Several statements: one of them may have been a COMMIT that ran.
@@ -210,7 +210,7 @@ class Operations:
             cur.row_factory = tuple_row  # before the id's result set comes up
             while cur.nextset():
                 pass
-            return result, Pending.from_row(await cur.fetchone())
+            return result, Pending.learnt(await cur.fetchone(), conn.identity)
 
         try:
             return await self._transact(body, rerun_conflicts=False)
@@ -316,8 +316,8 @@ class Operations:
                 "it was rolled back"
             )
         cur = tuple_cursor(conn)
-        await cur.execute(XID_QUERY)
-        return Pending.from_row(await cur.fetchone())
+        await cur.execute(XID_QUERY, prepare=False)
+        return Pending.learnt(await cur.fetchone(), conn.identity)
 
     async def _commit(
         self,

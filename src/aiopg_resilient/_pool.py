@@ -626,5 +626,5 @@ def _close_later(conn: DriverConnection) -> None:
 
 async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:
     cur = tuple_cursor(conn)
-    await cur.execute(query, params)
+    await cur.execute(query, params, prepare=False)
     return await cur.fetchone()
