@@ -191,6 +191,9 @@ class ResilientConnection:
         cause = ""
         while not self._closing:
             conn = await self._listener(lost_at)
+            if self._closing:  # close() ran while this connection was being made
+                await conn.close()
+                return
             self._listeners.add(conn)
             try:
                 for statement in statements:
@@ -233,10 +236,13 @@ class ResilientConnection:
             attempts += 1
             if self._closing:
                 raise PoolClosed("the ResilientConnection was closed")
+            held = pool._server.held()
+            if held is not None:
+                raise held
             try:
                 return await pool._connect()
             except Exception as exc:
-                if classify(exc) is Failure.FATAL:
+                if pool._note_connect_failure(exc) is Failure.FATAL:
                     raise
                 if time.monotonic() >= deadline:
                     raise DatabaseUnavailable(

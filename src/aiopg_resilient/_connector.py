@@ -9,6 +9,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
@@ -53,12 +54,14 @@ class Connector:
         application_name: str,
         configure: Configure | None,
         probe_interval: float = PROBE_INTERVAL,
+        setup_timeout: float = 10.0,
     ) -> None:
         self._source = conninfo
         self._kwargs = connect_kwargs
         self._application_name = application_name
         self.configure = configure
         self.probe_interval = probe_interval
+        self.setup_timeout = setup_timeout
         if isinstance(conninfo, str):
             self._fixed: str | None = self._prepare(conninfo)
             self.target = _conninfo.describe(self._fixed)
@@ -79,7 +82,7 @@ class Connector:
         if inspect.isawaitable(value):
             value = await value
         if not isinstance(value, str):
-            raise psycopg.ProgrammingError(
+            raise ConfigureError(
                 f"the conninfo callable returned {type(value).__name__}, not a string"
             )
         conninfo = self._prepare(value)
@@ -92,19 +95,21 @@ class Connector:
             await self._conninfo(), autocommit=True, **self._kwargs
         )
         try:
-            if self.configure is not None:
-                try:
-                    await self.configure(conn)
-                    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                        raise psycopg.ProgrammingError(
-                            "it left the connection inside a transaction; commit it or "
-                            "run it in autocommit mode"
-                        )
-                except Exception as exc:
-                    if conn.closed:
-                        raise  # the connection died: a connection failure, retried
-                    raise ConfigureError(f"configure() failed: {exc}") from exc
-            conn.identity = await _identity(conn)
+            # A half-open peer right after login must not wedge the pool's refill.
+            with anyio.fail_after(self.setup_timeout):
+                if self.configure is not None:
+                    try:
+                        await self.configure(conn)
+                        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                            raise psycopg.ProgrammingError(
+                                "it left the connection inside a transaction; commit it "
+                                "or run it in autocommit mode"
+                            )
+                    except Exception as exc:
+                        if conn.closed:
+                            raise  # the connection died: a connection failure, retried
+                        raise ConfigureError(f"configure() failed: {exc}") from exc
+                conn.identity = await _identity(conn)
         except BaseException:
             await conn.close()
             raise

@@ -110,6 +110,10 @@ class EventStream:
         except Exception:
             logger.exception("pool %r: on_event failed on a %r event; ignored", self.pool, kind)
 
+    def pending(self) -> list[asyncio.Task[Any]]:
+        """The ``on_event`` coroutines still running (cancelled when the pool closes)."""
+        return list(self._pending)
+
     def _schedule(self, awaitable: Awaitable[None]) -> None:
         if len(self._pending) >= _MAX_PENDING:
             self.dropped += 1

@@ -5,12 +5,12 @@ connections while they are needed (one probe at a time while the server is down,
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import anyio
 
 from ._errors import Failure, classify
-from ._retry import Backoff
 from ._source import Slot
 
 if TYPE_CHECKING:
@@ -56,11 +56,14 @@ async def fill(pool: ResilientPool) -> None:
     """Open connections while they are needed: one probe at a time while the server
     is down (jittered backoff, shared by every waiter), up to ``max_connecting`` in
     parallel once it is up."""
-    backoff: Backoff | None = None
     while not pool._closed:
         count = need(pool)
         if count <= 0:
             return
+        pause = pool._server.retry_at - time.monotonic()
+        if pause > 0:
+            await anyio.sleep(pause)
+            continue
         batch = 1 if pool._server.down else min(count, pool.max_connecting)
         failures: list[BaseException] = []
         if batch == 1:
@@ -70,18 +73,17 @@ async def fill(pool: ResilientPool) -> None:
                 for _ in range(batch):
                     tg.start_soon(_attempt, pool, failures)
         if not failures:
-            backoff = None
             continue
         exc = failures[-1]
         if classify(exc) is Failure.FATAL:
-            # Waiters hear it now; new attempts wait for the hold (ServerState).
-            pool._fail_waiters(exc)
+            # Waiters no live connection can serve hear it now; new attempts wait for
+            # the hold (ServerState).
+            if not pool._slots:
+                pool._fail_waiters(exc)
             return
-        if backoff is None:
-            backoff = Backoff(pool.retry, pool._rng)
-        delay = pool._connector.delay(exc, backoff.next(), pool._rng)
+        delay = pool._connector.delay(exc, pool._server.next_delay(pool.retry), pool._rng)
+        pool._server.retry_at = time.monotonic() + delay
         logger.debug("pool %r retrying connect in %.3fs", pool.name, delay)
-        await anyio.sleep(delay)
 
 
 async def _attempt(pool: ResilientPool, failures: list[BaseException]) -> None:

@@ -140,6 +140,7 @@ class ResilientPool:
             application_name=self.name,
             configure=configure,
             probe_interval=probe_interval,
+            setup_timeout=2 * heartbeat_timeout,
         )
         self.max_connecting = max_connecting
         self.min_size = min_size
@@ -241,14 +242,15 @@ class ResilientPool:
         ``configure``) raises here at once. An unreachable server does not: the pool
         keeps probing it in the background and callers wait for it within their retry
         budget. With *wait*, return once ``min_size`` connections are up, or raise
-        `PoolTimeout` after *timeout* seconds (the pool stays open).
+        `PoolTimeout` after *timeout* seconds, or the configuration error, within
+        *timeout* (the pool stays open: close it).
         """
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed; create a new one")
         if not self._opened:
             self._opened = True
             logger.info("pool %r opening to %s", self.name, self._target)
-            if self.min_size > 0:
+            if self.min_size > 0 and not wait:
                 slot = await first_connection(self)
                 if slot is not None:
                     self._put(slot)
@@ -288,7 +290,7 @@ class ResilientPool:
         self._fail_waiters(PoolClosed(f"pool {self.name!r} was closed"))
         while self._idle:
             await self._close_slot(self._idle.pop())  # never suspends
-        tasks = list(self._tasks)
+        tasks = list(self._tasks) + self._events.pending()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -370,8 +372,10 @@ class ResilientPool:
             return
         held = self._server.held()
         if held is not None:
-            # A configuration error holds connecting off: callers hear it at once.
-            self._fail_waiters(held)
+            # A configuration error holds connecting off: callers that no live
+            # connection can serve hear it at once.
+            if not self._slots:
+                self._fail_waiters(held)
             return
         if (self._connector_task is None or self._connector_task.done()) and need(self) > 0:
             self._connector_task = self._spawn(fill(self))
@@ -418,8 +422,8 @@ class ResilientPool:
         if slot is not None:
             return slot
         held = self._server.held()
-        if held is not None:
-            raise held  # a configuration error: no waiting for a connect that will fail
+        if held is not None and not self._slots:
+            raise held  # a configuration error, and no connection to wait for
         if self._refuse_reentry and held_here(self) >= self.max_size:
             raise psycopg.ProgrammingError(
                 f"this task already holds every connection of {self.name!r} "
@@ -460,7 +464,7 @@ class ResilientPool:
                 f"no connection free in pool {self.name!r} within {wait:.3f}s "
                 f"(size={len(self._slots)}, max_size={self.max_size}, "
                 f"waiting={len(self._waiters)})"
-            ) from None
+            ) from self._server.held()
         finally:
             timer.cancel()
 

@@ -8,6 +8,7 @@ import random
 import time
 
 from ._errors import Failure, classify
+from ._retry import Backoff, RetryPolicy
 
 __all__ = ["FATAL_HOLD_FIRST", "FATAL_HOLD_MAX", "ServerState"]
 
@@ -34,6 +35,11 @@ class ServerState:
         self._fatal: BaseException | None = None
         self._fatal_streak = 0
         self._hold_until = 0.0
+        self._backoff: Backoff | None = None
+        self.retry_at = 0.0
+        """No connection attempt before this (monotonic): the backoff between failed
+        attempts, kept across refill runs so callers arriving one by one cannot make
+        every attempt the first of a new backoff."""
 
     def reachable(self) -> bool:
         """Note a successful connect; True if the server was down until now."""
@@ -43,7 +49,15 @@ class ServerState:
         self._fatal = None
         self._fatal_streak = 0
         self._hold_until = 0.0
+        self._backoff = None
+        self.retry_at = 0.0
         return was_down
+
+    def next_delay(self, policy: RetryPolicy) -> float:
+        """The next backoff delay after a failed attempt (reset by a success)."""
+        if self._backoff is None:
+            self._backoff = Backoff(policy, self._rng)
+        return self._backoff.next()
 
     def failed(self, exc: BaseException) -> Failure:
         """Note a failed connect; returns what kind of failure it was."""
