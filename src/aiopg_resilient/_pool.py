@@ -10,35 +10,38 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
-import psycopg
 from psycopg import AsyncConnection
 from psycopg.abc import Params
-from psycopg.pq import TransactionStatus
 
-from ._attempts import Attempts
-from ._blocks import Blocks, held_here
+from ._blocks import Blocks
 from ._connector import PROBE_INTERVAL, Configure, Connector, Conninfo
-from ._driver import DriverConnection, tuple_cursor
+from ._driver import DriverConnection
 from ._errors import (
-    DatabaseUnavailable,
     Failure,
     PoolClosed,
     PoolTimeout,
-    classify,
 )
 from ._events import EventStream, OnEvent
-from ._failures import failure_of
 from ._filling import fill, first_connection, need
 from ._heartbeat import maintain, ping_idle
-from ._liveness import looks_alive
 from ._ops import InDoubt, Query
 from ._retry import RetryPolicy
 from ._server_state import ServerState
+from ._slots import (
+    acquire,
+    close_slot,
+    discard,
+    lost,
+    put,
+    release,
+    side_query,
+    take_idle,
+)
 from ._source import Slot
 from ._stats import PoolStats
 
@@ -47,22 +50,6 @@ __all__ = ["ResilientPool"]
 logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
-
-
-class _FoundClosed(Exception):
-    """The cause of a loss found without an error (internal, for events)."""
-
-    def __init__(self) -> None:
-        super().__init__("an idle connection was found closed (by the server or a proxy)")
-
-
-class _Expired(Exception):
-    """A waiter's time ran out (internal)."""
-
-
-def _expire(fut: asyncio.Future[Slot]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())
 
 
 class ResilientPool:
@@ -387,202 +374,31 @@ class ResilientPool:
             if not waiter.done():
                 waiter.set_exception(copy.copy(exc))
 
-    # -- acquire / release -----------------------------------------------------------
+    # -- the connection source (see _slots) -----------------------------------------
 
     def _put(self, slot: Slot) -> None:
-        """Hand a healthy connection to the first waiter, or make it idle."""
-        if self._closed:  # nothing goes back into a closed pool
-            self._slots.discard(slot)
-            _close_later(slot.conn)
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # skip callers that gave up
-                waiter.set_result(slot)
-                return
-        self._idle.append(slot)
+        put(self, slot)
 
     async def _take_idle(self) -> Slot | None:
-        now = time.monotonic()
-        while self._idle:
-            slot = self._idle.pop()
-            if (slot.expires is None or now < slot.expires) and looks_alive(slot.conn):
-                return slot
-            if slot.expires is not None and now >= slot.expires:
-                await self._retire(slot)
-            else:
-                await self._lost(slot, None)
-        return None
+        return await take_idle(self)
 
     async def _acquire(self, deadline: float) -> Slot:
-        """A live connection, waiting at most until *deadline* (monotonic)."""
-        if not self._opened or self._closed:
-            raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closed else 'not open'}")
-        slot = await self._take_idle()
-        if slot is not None:
-            return slot
-        held = self._server.held()
-        if held is not None and not self._slots:
-            raise held  # a configuration error, and no connection to wait for
-        if self._refuse_reentry and held_here(self) >= self.max_size:
-            raise psycopg.ProgrammingError(
-                f"this task already holds every connection of {self.name!r} "
-                f"(max_size={self.max_size}) in a block, e.g. db.fetchval() inside "
-                "db.transaction(): waiting would never end. Use the connection the block "
-                "gave you (await conn.execute(...))."
-            )
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Slot] = loop.create_future()
-        failures_before = self._events.counters["connect_failures"]
-        self._waiters.append(waiter)
-        self._wake_connector()
-        now = time.monotonic()
-        down = self._server.down
-        wait = deadline - now if down else min(deadline - now, self.acquire_timeout)
-        timer = loop.call_later(max(wait, 0.0), _expire, waiter)
-        try:
-            slot = await waiter
-            self._events.emit("acquire_wait", duration=time.monotonic() - now)
-            return slot
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._put(waiter.result())  # handed over just as we gave up
-            else:
-                with suppress(ValueError):
-                    self._waiters.remove(waiter)
-            if not isinstance(exc, _Expired):
-                raise
-            last_error = self._server.last_error
-            if self._server.down or (last_error is not None and len(self._slots) == 0):
-                raise DatabaseUnavailable(
-                    f"database {self._target} unreachable: {last_error}",
-                    attempts=max(1, self._events.counters["connect_failures"] - failures_before),
-                    last_error=last_error,
-                ) from last_error
-            self._events.emit("acquire_timeout", duration=wait)
-            raise PoolTimeout(
-                f"no connection free in pool {self.name!r} within {wait:.3f}s "
-                f"(size={len(self._slots)}, max_size={self.max_size}, "
-                f"waiting={len(self._waiters)})"
-            ) from self._server.held()
-        finally:
-            timer.cancel()
+        return await acquire(self, deadline)
 
     async def _release(self, slot: Slot) -> None:
-        """Return a connection after use: idle if clean, else discarded."""
-        conn = slot.conn
-        if (
-            self._closed
-            or conn.closed
-            or conn.broken
-            or conn.pgconn.transaction_status != TransactionStatus.IDLE
-        ):
-            await self._discard(slot)
-            return
-        now = time.monotonic()
-        if slot.expires is not None and now >= slot.expires:
-            await self._retire(slot)
-            return
-        conn.owner = None
-        try:
-            if not conn.autocommit:
-                await conn.set_autocommit(True)  # local only: the connection is idle
-            await conn.restore_settings()  # a round trip only if a SET changed something
-            if self.reset is not None:
-                await self.reset(conn)
-                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                    raise psycopg.ProgrammingError("reset() left the connection in a transaction")
-        except Exception as exc:
-            logger.warning("pool %r: could not reset a returned connection: %s", self.name, exc)
-            await self._discard(slot)
-            return
-        except BaseException:
-            await self._discard(slot)
-            raise
-        slot.last_used = now
-        self._schedule_check(slot, now)
-        self._put(slot)
-
-    async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
-        """The first row of a query of the layer's own on another connection: an idle
-        pooled one, else a short-lived one outside the pool's limits and its queue (an
-        in-doubt resolution must not wait behind the callers of a saturated pool).
-        Replayed on connection failures within the retry budget."""
-        attempts = Attempts(self.retry, self._rng)
-        while True:
-            attempts.count += 1
-            slot = await self._take_idle()
-            try:
-                if slot is not None:
-                    row = await _first_row(slot.conn, query, params)
-                    await self._release(slot)
-                    return row
-                conn = await self._connect()
-                try:
-                    return await _first_row(conn, query, params)
-                finally:
-                    await conn.close()
-            except Exception as exc:
-                if slot is not None:
-                    if await failure_of(slot.conn, exc) is None:
-                        await self._release(slot)
-                        raise
-                    await self._lost(slot, exc)
-                elif classify(exc) is Failure.FATAL or not isinstance(
-                    exc, psycopg.OperationalError
-                ):
-                    raise
-                await attempts.again(exc)
-            except BaseException:
-                if slot is not None:
-                    await self._discard(slot)
-                raise
+        await release(self, slot)
 
     async def _discard(self, slot: Slot) -> None:
-        """Close a connection whose state is unknown or bad, and replace it."""
-        await self._close_slot(slot)
-        self._wake_connector()
-
-    async def _close_slot(self, slot: Slot) -> None:
-        # AsyncConnection.close() never suspends, so this completes even when the
-        # caller is being cancelled: no connection leaks.
-        self._slots.discard(slot)
-        await slot.conn.close()
-
-    async def _retire(self, slot: Slot) -> None:
-        logger.debug("pool %r: retiring a connection past its lifetime", self.name)
-        await self._discard(slot)
+        await discard(self, slot)
 
     async def _lost(self, slot: Slot, exc: BaseException | None) -> None:
-        """A connection was found dead: drop it, check the others, replace it."""
-        self._events.emit("lost", error=exc or _FoundClosed())
-        if exc is not None:
-            self._last_error = exc
-        logger.warning(
-            "pool %r: lost a connection to %s%s",
-            self.name,
-            self._target,
-            f": {exc}" if exc is not None else "",
-        )
-        await self._close_slot(slot)
-        await self._check_idle_locally()
-        if isinstance(exc, TimeoutError):
-            # No local evidence (a half-open peer): ping the others now.
-            self._start_sweep()
-        self._wake_connector()
+        await lost(self, slot, exc)
 
-    async def _check_idle_locally(self) -> None:
-        """One loss warns the rest: drop idle connections whose socket says they died."""
-        if not self._idle:
-            return
-        alive = [s for s in self._idle if looks_alive(s.conn)]
-        if len(alive) == len(self._idle):
-            return
-        dead = [s for s in self._idle if s not in alive]
-        self._idle = deque(alive)
-        for slot in dead:
-            self._events.emit("lost", error=_FoundClosed())
-            await self._close_slot(slot)
+    async def _close_slot(self, slot: Slot) -> None:
+        await close_slot(self, slot)
+
+    async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
+        return await side_query(self, query, params)
 
     # -- heartbeat -------------------------------------------------------------------
 
@@ -617,18 +433,3 @@ for _name in (
     "run_transaction",
 ):
     getattr(ResilientPool, _name).__doc__ = getattr(Blocks, _name).__doc__
-
-
-_closing: set[asyncio.Task[None]] = set()
-
-
-def _close_later(conn: DriverConnection) -> None:
-    task = asyncio.ensure_future(conn.close())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
-async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:
-    cur = tuple_cursor(conn)
-    await cur.execute(query, params, prepare=False)
-    return await cur.fetchone()

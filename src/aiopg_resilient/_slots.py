@@ -1,0 +1,273 @@
+"""A pool's connections: handing them out, taking them back, dropping dead ones. This is
+the `ConnectionSource` the operations run over (the pool's ``_acquire``, ``_release``,
+``_discard``, ``_lost`` and ``_side_query`` call these)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from ._attempts import Attempts
+from ._blocks import held_here
+from ._driver import DriverConnection, tuple_cursor
+from ._errors import DatabaseUnavailable, Failure, PoolClosed, PoolTimeout, classify
+from ._failures import failure_of
+from ._liveness import looks_alive
+from ._source import Slot
+
+if TYPE_CHECKING:
+    from ._pool import ResilientPool
+
+__all__ = [
+    "acquire",
+    "close_slot",
+    "discard",
+    "lost",
+    "put",
+    "release",
+    "side_query",
+    "take_idle",
+]
+
+logger = logging.getLogger("aiopg_resilient.pool")
+
+
+class _FoundClosed(Exception):
+    """The cause of a loss found without an error (internal, for events)."""
+
+    def __init__(self) -> None:
+        super().__init__("an idle connection was found closed (by the server or a proxy)")
+
+
+class _Expired(Exception):
+    """A waiter's time ran out (internal)."""
+
+
+def _expire(fut: asyncio.Future[Slot]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+def put(pool: ResilientPool, slot: Slot) -> None:
+    """Hand a healthy connection to the first waiter, or make it idle."""
+    if pool._closed:  # nothing goes back into a closed pool
+        pool._slots.discard(slot)
+        _close_later(slot.conn)
+        return
+    while pool._waiters:
+        waiter = pool._waiters.popleft()
+        if not waiter.done():  # skip callers that gave up
+            waiter.set_result(slot)
+            return
+    pool._idle.append(slot)
+
+
+async def take_idle(pool: ResilientPool) -> Slot | None:
+    now = time.monotonic()
+    while pool._idle:
+        slot = pool._idle.pop()
+        if (slot.expires is None or now < slot.expires) and looks_alive(slot.conn):
+            return slot
+        if slot.expires is not None and now >= slot.expires:
+            await retire(pool, slot)
+        else:
+            await lost(pool, slot, None)
+    return None
+
+
+async def acquire(pool: ResilientPool, deadline: float) -> Slot:
+    """A live connection, waiting at most until *deadline* (monotonic)."""
+    if not pool._opened or pool._closed:
+        raise PoolClosed(f"pool {pool.name!r} is {'closed' if pool._closed else 'not open'}")
+    slot = await take_idle(pool)
+    if slot is not None:
+        return slot
+    held = pool._server.held()
+    if held is not None and not pool._slots:
+        raise held  # a configuration error, and no connection to wait for
+    if pool._refuse_reentry and held_here(pool) >= pool.max_size:
+        raise psycopg.ProgrammingError(
+            f"this task already holds every connection of {pool.name!r} "
+            f"(max_size={pool.max_size}) in a block, e.g. db.fetchval() inside "
+            "db.transaction(): waiting would never end. Use the connection the block "
+            "gave you (await conn.execute(...))."
+        )
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Slot] = loop.create_future()
+    failures_before = pool._events.counters["connect_failures"]
+    pool._waiters.append(waiter)
+    pool._wake_connector()
+    now = time.monotonic()
+    down = pool._server.down
+    wait = deadline - now if down else min(deadline - now, pool.acquire_timeout)
+    timer = loop.call_later(max(wait, 0.0), _expire, waiter)
+    try:
+        slot = await waiter
+        pool._events.emit("acquire_wait", duration=time.monotonic() - now)
+        return slot
+    except BaseException as exc:
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            put(pool, waiter.result())  # handed over just as we gave up
+        else:
+            with suppress(ValueError):
+                pool._waiters.remove(waiter)
+        if not isinstance(exc, _Expired):
+            raise
+        last_error = pool._server.last_error
+        if pool._server.down or (last_error is not None and len(pool._slots) == 0):
+            raise DatabaseUnavailable(
+                f"database {pool._target} unreachable: {last_error}",
+                attempts=max(1, pool._events.counters["connect_failures"] - failures_before),
+                last_error=last_error,
+            ) from last_error
+        pool._events.emit("acquire_timeout", duration=wait)
+        raise PoolTimeout(
+            f"no connection free in pool {pool.name!r} within {wait:.3f}s "
+            f"(size={len(pool._slots)}, max_size={pool.max_size}, "
+            f"waiting={len(pool._waiters)})"
+        ) from pool._server.held()
+    finally:
+        timer.cancel()
+
+
+async def release(pool: ResilientPool, slot: Slot) -> None:
+    """Return a connection after use: idle if clean, else discarded."""
+    conn = slot.conn
+    if (
+        pool._closed
+        or conn.closed
+        or conn.broken
+        or conn.pgconn.transaction_status != TransactionStatus.IDLE
+    ):
+        await discard(pool, slot)
+        return
+    now = time.monotonic()
+    if slot.expires is not None and now >= slot.expires:
+        await retire(pool, slot)
+        return
+    conn.owner = None
+    try:
+        if not conn.autocommit:
+            await conn.set_autocommit(True)  # local only: the connection is idle
+        await conn.restore_settings()  # a round trip only if a SET changed something
+        if pool.reset is not None:
+            await pool.reset(conn)
+            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                raise psycopg.ProgrammingError("reset() left the connection in a transaction")
+    except Exception as exc:
+        logger.warning("pool %r: could not reset a returned connection: %s", pool.name, exc)
+        await discard(pool, slot)
+        return
+    except BaseException:
+        await discard(pool, slot)
+        raise
+    slot.last_used = now
+    pool._schedule_check(slot, now)
+    put(pool, slot)
+
+
+async def side_query(pool: ResilientPool, query: str, params: dict[str, Any]) -> Any:
+    """The first row of a query of the layer's own on another connection: an idle
+    pooled one, else a short-lived one outside the pool's limits and its queue (an
+    in-doubt resolution must not wait behind the callers of a saturated pool).
+    Replayed on connection failures within the retry budget."""
+    attempts = Attempts(pool.retry, pool._rng)
+    while True:
+        attempts.count += 1
+        slot = await take_idle(pool)
+        try:
+            if slot is not None:
+                row = await _first_row(slot.conn, query, params)
+                await release(pool, slot)
+                return row
+            conn = await pool._connect()
+            try:
+                return await _first_row(conn, query, params)
+            finally:
+                await conn.close()
+        except Exception as exc:
+            if slot is not None:
+                if await failure_of(slot.conn, exc) is None:
+                    await release(pool, slot)
+                    raise
+                await lost(pool, slot, exc)
+            elif classify(exc) is Failure.FATAL or not isinstance(exc, psycopg.OperationalError):
+                raise
+            await attempts.again(exc)
+        except BaseException:
+            if slot is not None:
+                await discard(pool, slot)
+            raise
+
+
+async def discard(pool: ResilientPool, slot: Slot) -> None:
+    """Close a connection whose state is unknown or bad, and replace it."""
+    await close_slot(pool, slot)
+    pool._wake_connector()
+
+
+async def close_slot(pool: ResilientPool, slot: Slot) -> None:
+    # AsyncConnection.close() never suspends, so this completes even when the
+    # caller is being cancelled: no connection leaks.
+    pool._slots.discard(slot)
+    await slot.conn.close()
+
+
+async def retire(pool: ResilientPool, slot: Slot) -> None:
+    logger.debug("pool %r: retiring a connection past its lifetime", pool.name)
+    await discard(pool, slot)
+
+
+async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> None:
+    """A connection was found dead: drop it, check the others, replace it."""
+    pool._events.emit("lost", error=exc or _FoundClosed())
+    if exc is not None:
+        pool._last_error = exc
+    logger.warning(
+        "pool %r: lost a connection to %s%s",
+        pool.name,
+        pool._target,
+        f": {exc}" if exc is not None else "",
+    )
+    await close_slot(pool, slot)
+    await check_idle_locally(pool)
+    if isinstance(exc, TimeoutError):
+        # No local evidence (a half-open peer): ping the others now.
+        pool._start_sweep()
+    pool._wake_connector()
+
+
+async def check_idle_locally(pool: ResilientPool) -> None:
+    """One loss warns the rest: drop idle connections whose socket says they died."""
+    if not pool._idle:
+        return
+    alive = [s for s in pool._idle if looks_alive(s.conn)]
+    if len(alive) == len(pool._idle):
+        return
+    dead = [s for s in pool._idle if s not in alive]
+    pool._idle = deque(alive)
+    for slot in dead:
+        pool._events.emit("lost", error=_FoundClosed())
+        await close_slot(pool, slot)
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(conn: DriverConnection) -> None:
+    task = asyncio.ensure_future(conn.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:
+    cur = tuple_cursor(conn)
+    await cur.execute(query, params, prepare=False)
+    return await cur.fetchone()
