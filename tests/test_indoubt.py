@@ -12,7 +12,13 @@ import time
 import anyio
 import pytest
 
-from aiopg_resilient import CommitUnknown, DatabaseUnavailable, PoolTimeout, RetryPolicy
+from aiopg_resilient import (
+    CommitUnknown,
+    DatabaseUnavailable,
+    PoolTimeout,
+    ResilientPool,
+    RetryPolicy,
+)
 from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
 from .conftest import pool_for, until, until_value
@@ -36,6 +42,14 @@ async def _scalar(pg: PostgresServer, query: str, *params: object) -> int:
     return int((await pg.execute(query, params))[0][0])
 
 
+async def _insert_a(pool: ResilientPool, table: str, outcome: list[BaseException | int]) -> None:
+    """execute() one INSERT; what it returned or raised goes into *outcome*."""
+    try:
+        outcome.append(await pool.execute(f"INSERT INTO {table} VALUES ('a', 1)"))
+    except Exception as exc:
+        outcome.append(exc)
+
+
 async def test_another_cluster_behind_the_same_address_is_commit_unknown(
     pg: PostgresServer, tls_chaos_proxy: ChaosProxy, app_name: str, table: str
 ) -> None:
@@ -49,14 +63,8 @@ async def test_another_cluster_behind_the_same_address_is_commit_unknown(
         trigger = tls_chaos_proxy.on_client_message(b"COMMIT", "freeze_before")
         outcome: list[BaseException | int] = []
 
-        async def write() -> None:
-            try:
-                outcome.append(await pool.execute(f"INSERT INTO {table} VALUES ('a', 1)"))
-            except Exception as exc:
-                outcome.append(exc)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(write)
+            tg.start_soon(_insert_a, pool, table, outcome)
             await trigger.wait()
             await until_value(lambda: _scalar(pg, _HELD, app_name), 1, timeout=5)
             before = await _scalar(pg, "SELECT system_identifier FROM pg_control_system()")
@@ -180,15 +188,9 @@ async def test_outage_during_resolution_is_commit_unknown(
         trigger = tls_chaos_proxy.on_client_message(b"COMMIT", "freeze_after")
         outcome: list[BaseException | int] = []
 
-        async def write() -> None:
-            try:
-                outcome.append(await pool.execute(f"INSERT INTO {table} VALUES ('a', 1)"))
-            except Exception as exc:
-                outcome.append(exc)
-
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(write)
+                tg.start_soon(_insert_a, pool, table, outcome)
                 await trigger.wait()
                 await pg.stop("immediate")
                 with anyio.fail_after(10):
