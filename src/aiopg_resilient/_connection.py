@@ -209,8 +209,7 @@ class ResilientConnection:
                     raise
                 lost_at = time.monotonic()
                 cause = f"{type(exc).__name__}: {exc}"
-                pool._events.emit("lost", error=exc)
-                logger.warning("listener on %s lost its connection: %s", channels, exc)
+                pool._events.emit("lost", error=exc)  # logged by the event stream
             finally:
                 self._listeners.discard(conn)
                 await conn.close()

@@ -2,10 +2,12 @@
 
 Every connect (with its duration), failed connect, lost connection (with its cause),
 retry, heartbeat and its failure, wait for a connection, in-doubt outcome, and down/up
-transition is one `PoolEvent`. The counters of `PoolStats` are kept by reading the
-stream and nowhere else. A slow or failing ``on_event`` never breaks the pool: its
-exceptions are logged and swallowed, and a coroutine function runs as a task of its own
-(at most 1,000 pending; more are dropped and counted).
+transition is one `PoolEvent`. The counters of `PoolStats` and the pool's log lines
+(connect failures, losses, down and up) are kept by reading the stream and nowhere
+else; the in-doubt resolution logs its reasoning itself, with the transaction id. A slow
+or failing ``on_event`` never breaks the pool: its exceptions are logged and swallowed,
+and a coroutine function runs as a task of its own (at most 1,000 pending; more are
+dropped and counted).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from ._errors import Failure, classify
 
 __all__ = ["COUNTERS", "EventKind", "EventStream", "OnEvent", "PoolEvent"]
 
@@ -51,6 +55,7 @@ COUNTERS: dict[str, str] = {
 }
 
 _MAX_PENDING = 1000
+_LOGGED = frozenset({"connect_failed", "lost", "down", "up"})
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,12 @@ OnEvent = Callable[[PoolEvent], None] | Callable[[PoolEvent], Awaitable[None]]
 class EventStream:
     """Emits a pool's events to its counters and to the user's callback."""
 
-    def __init__(self, pool: str, on_event: OnEvent | None) -> None:
+    def __init__(
+        self, pool: str, on_event: OnEvent | None, target: Callable[[], str] = str
+    ) -> None:
         self.pool = pool
         self.on_event = on_event
+        self._target = target
         self.counters = dict.fromkeys(COUNTERS.values(), 0)
         self.dropped = 0
         self._pending: set[asyncio.Task[Any]] = set()
@@ -99,6 +107,8 @@ class EventStream:
         counter = COUNTERS.get(kind)
         if counter is not None:
             self.counters[counter] += 1
+        if kind in _LOGGED:
+            self._log(kind, error)
         if self.on_event is None:
             return
         text = None if error is None else f"{type(error).__name__}: {error}"
@@ -109,6 +119,23 @@ class EventStream:
                 self._schedule(result)
         except Exception:
             logger.exception("pool %r: on_event failed on a %r event; ignored", self.pool, kind)
+
+    def _log(self, kind: EventKind, error: BaseException | None) -> None:
+        """The pool's log lines are one more reader of the stream."""
+        target = self._target()
+        if kind == "connect_failed":
+            level = (
+                logging.ERROR
+                if classify(error or Exception()) is Failure.FATAL
+                else logging.WARNING
+            )
+            logger.log(level, "pool %r: connect to %s failed: %s", self.pool, target, error)
+        elif kind == "lost":
+            logger.warning("pool %r: lost a connection to %s: %s", self.pool, target, error)
+        elif kind == "down":
+            logger.warning("pool %r: %s is unreachable: %s", self.pool, target, error)
+        elif kind == "up":
+            logger.info("pool %r: %s is reachable again", self.pool, target)
 
     def pending(self) -> list[asyncio.Task[Any]]:
         """The ``on_event`` coroutines still running (cancelled when the pool closes)."""

@@ -64,7 +64,10 @@ async def fill(pool: ResilientPool) -> None:
         if pause > 0:
             await anyio.sleep(pause)
             continue
-        batch = 1 if pool._server.down else min(count, pool.max_connecting)
+        # One probe at a time while the server is down, or may be: no live connection
+        # (all were just lost to a restart, or none was made yet).
+        probing = pool._server.down or pool._server.suspect or not pool._slots
+        batch = 1 if probing else min(count, pool.max_connecting)
         failures: list[BaseException] = []
         if batch == 1:
             await _attempt(pool, failures)
@@ -91,16 +94,13 @@ async def _attempt(pool: ResilientPool, failures: list[BaseException]) -> None:
     try:
         conn = await pool._connect()
     except Exception as exc:
-        kind = pool._note_connect_failure(exc)
+        pool._note_connect_failure(exc)  # an event; the log line reads it
         failures.append(exc)
-        level = logging.ERROR if kind is Failure.FATAL else logging.WARNING
-        logger.log(level, "pool %r: connect to %s failed: %s", pool.name, pool._target, exc)
         return
     finally:
         pool._connecting -= 1
     if pool._server.reachable():
         pool._events.emit("up")
-        logger.info("pool %r: %s is reachable again", pool.name, pool._target)
     if pool._closed:
         await conn.close()
         return

@@ -159,7 +159,7 @@ class ResilientPool:
         self._user_heartbeat = False
         # ResilientConnection: a query inside one of its own blocks raises at once.
         self._refuse_reentry = False
-        self._events = EventStream(self.name, on_event)
+        self._events = EventStream(self.name, on_event, lambda: self._target)
         self._ops = Blocks(
             self,
             retry=self.retry,

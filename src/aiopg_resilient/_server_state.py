@@ -36,6 +36,8 @@ class ServerState:
         self._fatal_streak = 0
         self._hold_until = 0.0
         self._backoff: Backoff | None = None
+        self.suspect = False
+        """A connection was just lost: the next connect is a single probe."""
         self.retry_at = 0.0
         """No connection attempt before this (monotonic): the backoff between failed
         attempts, kept across refill runs so callers arriving one by one cannot make
@@ -50,6 +52,7 @@ class ServerState:
         self._fatal_streak = 0
         self._hold_until = 0.0
         self._backoff = None
+        self.suspect = False
         self.retry_at = 0.0
         return was_down
 

@@ -230,12 +230,7 @@ async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> No
     pool._events.emit("lost", error=exc or _FoundClosed())
     if exc is not None:
         pool._last_error = exc
-    logger.warning(
-        "pool %r: lost a connection to %s%s",
-        pool.name,
-        pool._target,
-        f": {exc}" if exc is not None else "",
-    )
+    pool._server.suspect = True
     await close_slot(pool, slot)
     await check_idle_locally(pool)
     if isinstance(exc, TimeoutError):
