@@ -117,9 +117,6 @@ class Incarnation:
         system_id, timeline, started, crash_mark = (None if v is None else str(v) for v in row)
         return cls(system_id, timeline, started, crash_mark)
 
-    def describe(self) -> str:
-        return f"system {self.system_id}, timeline {self.timeline}, started {self.started}"
-
 
 @dataclass(frozen=True)
 class Pending:

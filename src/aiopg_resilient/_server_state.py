@@ -85,7 +85,3 @@ class ServerState:
             return copy.copy(self._fatal)
         except Exception:  # pragma: no cover - an exception that cannot be copied
             return self._fatal
-
-    @property
-    def hold_remaining(self) -> float:
-        return max(self._hold_until - time.monotonic(), 0.0)
