@@ -68,11 +68,21 @@ async def test_sql_error_goes_to_caller_and_connection_stays(
 async def test_acquire_timeout(pg: PostgresServer, app_name: str) -> None:
     """With every connection busy, a caller waits acquire_timeout then gets PoolTimeout."""
     async with pool_for(pg.dsn, app_name, min_size=1, max_size=1, acquire_timeout=0.3) as pool:
-        async with pool.connection():
+        held, done = anyio.Event(), anyio.Event()
+
+        async def hold() -> None:  # another task holds the one connection
+            async with pool.connection():
+                held.set()
+                await done.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await held.wait()
             t0 = time.monotonic()
             with pytest.raises(PoolTimeout, match="no connection free"):
                 await pool.fetchval("SELECT 1")
             assert 0.25 <= time.monotonic() - t0 < 2.0
+            done.set()
         assert pool.stats.acquire_timeouts == 1
         assert pool.stats.waiting == 0
         assert await pool.fetchval("SELECT 1") == 1

@@ -19,7 +19,7 @@ from aiopg_resilient import (
 )
 from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
-from .conftest import backends, pool_for
+from .conftest import backends, pool_for, until_value
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -264,8 +264,7 @@ async def test_listener_reconnect_failures_are_counted(
         with anyio.fail_after(8):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(consume)
-                while not db._listeners:
-                    await anyio.sleep(0.01)
+                await until_value(lambda: backends(pg, app_name), 2)  # pool's, listener's
                 chaos_proxy.refuse()
                 chaos_proxy.cut()
                 await anyio.sleep(1.0)

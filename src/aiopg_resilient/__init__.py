@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._connection import Reconnected, ResilientConnection
+from ._connection import ResilientConnection
 from ._errors import (
     CommitUnknown,
     ConfigureError,
@@ -22,6 +22,7 @@ from ._errors import (
     is_disconnect,
 )
 from ._events import PoolEvent
+from ._listen import Reconnected
 from ._pool import ResilientPool
 from ._retry import RetryPolicy, set_testing
 from ._stats import PoolStats

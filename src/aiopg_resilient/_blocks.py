@@ -11,6 +11,7 @@ own COMMIT: a lost answer is resolved or `CommitUnknown`, never "nothing was com
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -31,18 +32,20 @@ T = TypeVar("T")
 
 __all__ = ["BlockOwner", "Blocks", "block", "held_here"]
 
-# The pools whose connections this task holds in a block, with multiplicity.
-_HELD: ContextVar[tuple[int, ...]] = ContextVar("aiopg_resilient_held", default=())
+# The pools whose connections are held in a block, with the task holding each. Tasks
+# started inside a block inherit the context but not the holding: they may well wait
+# for the block to end.
+_HELD: ContextVar[tuple[tuple[int, object], ...]] = ContextVar("aiopg_resilient_held", default=())
 
 
 def held_here(ops: object) -> int:
-    """How many connections of *ops* the current task holds in blocks."""
-    return _HELD.get().count(id(ops))
+    """How many connections of *ops* the current task itself holds in blocks."""
+    return _HELD.get().count((id(ops), asyncio.current_task()))
 
 
 @contextmanager
 def _holding(ops: object) -> Iterator[None]:
-    token = _HELD.set((*_HELD.get(), id(ops)))
+    token = _HELD.set((*_HELD.get(), (id(ops), asyncio.current_task())))
     try:
         yield
     finally:

@@ -19,9 +19,11 @@ from typing import Any, Protocol
 import anyio
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, waiting
-from psycopg.abc import RV, PQGen
+from psycopg.abc import RV, PQGen, PQGenConn
 from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg.rows import tuple_row
+
+from ._login import start
 
 __all__ = ["DriverConnection", "Owner", "tuple_cursor"]
 
@@ -69,6 +71,12 @@ class DriverConnection(AsyncConnection[Any]):
     identity: tuple[str | None, str | None, str | None] | None = None
     """The server incarnation this connection lives in (see `_commit.IDENTITY_QUERY`)."""
     _baseline: tuple[Any, ...] = ()
+
+    @classmethod
+    def _connect_gen(cls, conninfo: str = "", *, timeout: float = 0.0) -> PQGenConn[Any]:
+        # Login errors with their SQLSTATE (see _login). psycopg < 3.3 passes *timeout*.
+        pgconn = yield from start(conninfo, timeout)
+        return cls(pgconn)
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         # psycopg < 3.3's wait_async() has no timeout parameter.

@@ -93,6 +93,8 @@ class EventStream:
         self._target = target
         self.counters = dict.fromkeys(COUNTERS.values(), 0)
         self.dropped = 0
+        self.last_error: str | None = None
+        """The last failed connect or lost connection (class and message); never cleared."""
         self._pending: set[asyncio.Task[Any]] = set()
 
     def emit(
@@ -109,9 +111,11 @@ class EventStream:
             self.counters[counter] += 1
         if kind in _LOGGED:
             self._log(kind, error)
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        if text is not None and kind in ("connect_failed", "lost"):
+            self.last_error = text
         if self.on_event is None:
             return
-        text = None if error is None else f"{type(error).__name__}: {error}"
         event = PoolEvent(kind, self.pool, time.time(), duration, text, xid, outcome)
         try:
             result = self.on_event(event)

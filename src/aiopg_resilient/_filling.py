@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ._errors import Failure, classify
+from ._slots import fail_waiters, new_slot, put
 from ._source import Slot
 
 if TYPE_CHECKING:
     from ._pool import ResilientPool
 
-__all__ = ["fill", "first_connection", "need"]
+__all__ = ["fill", "first_connection", "need", "wake"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
@@ -42,7 +43,23 @@ async def first_connection(pool: ResilientPool) -> Slot | None:
         raise
     finally:
         pool._connecting -= 1
-    return pool._new_slot(conn)
+    return new_slot(pool, conn)
+
+
+def wake(pool: ResilientPool) -> None:
+    """Start the filling task if connections are needed and none is running."""
+    if pool._closed or not pool._opened:
+        return
+    held = pool._server.held()
+    if held is not None:
+        # A configuration error holds connecting off: callers that no live
+        # connection can serve hear it at once.
+        if not pool._slots:
+            fail_waiters(pool, held)
+        return
+    task = pool._connector_task
+    if (task is None or task.done()) and need(pool) > 0:
+        pool._connector_task = pool._spawn(fill(pool))
 
 
 def need(pool: ResilientPool) -> int:
@@ -82,7 +99,7 @@ async def fill(pool: ResilientPool) -> None:
             # Waiters no live connection can serve hear it now; new attempts wait for
             # the hold (ServerState).
             if not pool._slots:
-                pool._fail_waiters(exc)
+                fail_waiters(pool, exc)
             return
         delay = pool._connector.delay(exc, pool._server.next_delay(pool.retry), pool._rng)
         pool._server.retry_at = time.monotonic() + delay
@@ -104,4 +121,4 @@ async def _attempt(pool: ResilientPool, failures: list[BaseException]) -> None:
     if pool._closed:
         await conn.close()
         return
-    pool._put(pool._new_slot(conn))
+    put(pool, new_slot(pool, conn))

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import random
-import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, Notify
 from psycopg.abc import Params
 
 from ._blocks import Blocks
 from ._connector import PROBE_INTERVAL, Configure, Connector, Conninfo
+from ._dialer import Dialer
 from ._driver import DriverConnection
 from ._errors import (
     Failure,
@@ -27,15 +26,18 @@ from ._errors import (
     PoolTimeout,
 )
 from ._events import EventStream, OnEvent
-from ._filling import fill, first_connection, need
+from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
+from ._listen import Listeners, Reconnected
 from ._ops import InDoubt, Query
 from ._retry import RetryPolicy
 from ._server_state import ServerState
+from ._settings import validate as _validate
 from ._slots import (
     acquire,
     close_slot,
     discard,
+    fail_waiters,
     lost,
     put,
     release,
@@ -95,29 +97,18 @@ class ResilientPool:
         probe_interval: float = PROBE_INTERVAL,
         on_event: OnEvent | None = None,
     ) -> None:
-        if not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-        if not isinstance(max_size, int) or max_size < 1 or max_size < min_size:
-            raise ValueError(f"max_size must be an int >= max(1, min_size), got {max_size!r}")
-        for label, value in (
-            ("heartbeat_interval", heartbeat_interval),
-            ("max_lifetime", max_lifetime),
-            ("max_idle", max_idle),
-        ):
-            if value is not None and not value > 0:
-                raise ValueError(f"{label} must be > 0 or None, got {value!r}")
-        for label, value in (
-            ("heartbeat_timeout", heartbeat_timeout),
-            ("acquire_timeout", acquire_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{label} must be > 0, got {value!r}")
-        if not isinstance(max_connecting, int) or max_connecting < 1:
-            raise ValueError(f"max_connecting must be an int >= 1, got {max_connecting!r}")
-        if not probe_interval > 0:
-            raise ValueError(f"probe_interval must be > 0, got {probe_interval!r}")
-        if in_doubt not in ("resolve", "raise"):
-            raise ValueError(f"in_doubt must be 'resolve' or 'raise', got {in_doubt!r}")
+        _validate(
+            min_size=min_size,
+            max_size=max_size,
+            heartbeat_interval=heartbeat_interval,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            heartbeat_timeout=heartbeat_timeout,
+            acquire_timeout=acquire_timeout,
+            max_connecting=max_connecting,
+            probe_interval=probe_interval,
+            in_doubt=in_doubt,
+        )
         kwargs = dict(connect_kwargs or {})
         self._block_autocommit = bool(kwargs.pop("autocommit", False))
         self.name = name or "aiopg_resilient"
@@ -157,9 +148,11 @@ class ResilientPool:
         self._sweeper: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self._user_heartbeat = False
-        # ResilientConnection: a query inside one of its own blocks raises at once.
-        self._refuse_reentry = False
         self._events = EventStream(self.name, on_event, lambda: self._target)
+        self._dialer = Dialer(self.name, self._connector, self._server, self._events)
+        self._listeners = Listeners(
+            self._dialer, self.retry, self._rng, heartbeat_interval, heartbeat_timeout
+        )
         self._ops = Blocks(
             self,
             retry=self.retry,
@@ -169,7 +162,6 @@ class ResilientPool:
             events=self._events,
         )
         self._ops._block_autocommit = self._block_autocommit
-        self._last_error: BaseException | None = None  # for stats: never cleared
 
     @property
     def _target(self) -> str:
@@ -219,6 +211,19 @@ class ResilientPool:
         self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
     ) -> T:
         return await self._ops.run_transaction(fn, *args, **kwargs)
+
+    def listen(self, *channels: str) -> AsyncIterator[Notify | Reconnected]:
+        """Notifications on *channels*, across reconnects, on a connection of its own.
+
+        Yields psycopg `Notify` objects, and a `Reconnected` marker each time the
+        listening connection had to be re-established (LISTEN is re-issued first;
+        notifications sent meanwhile were missed: resync). The listening connection is
+        outside the pool (not counted in ``max_size``). Idle, it pings the server every
+        ``heartbeat_interval`` so a dead connection is noticed even when no
+        notification comes. Raises `DatabaseUnavailable` when the server stays
+        unreachable for ``retry.timeout``; `close()` ends it.
+        """
+        return self._listeners.listen(*channels)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -274,9 +279,10 @@ class ResilientPool:
             return
         self._closed = True
         # What needs no waiting first, so a cancelled close() still closes it all.
-        self._fail_waiters(PoolClosed(f"pool {self.name!r} was closed"))
+        fail_waiters(self, PoolClosed(f"pool {self.name!r} was closed"))
         while self._idle:
             await self._close_slot(self._idle.pop())  # never suspends
+        await self._listeners.close()
         tasks = list(self._tasks) + self._events.pending()
         for task in tasks:
             task.cancel()
@@ -307,7 +313,6 @@ class ResilientPool:
     @property
     def stats(self) -> PoolStats:
         """A frozen snapshot of the pool's counts and counters."""
-        err = self._last_error
         return PoolStats(
             name=self.name,
             min_size=self.min_size,
@@ -318,61 +323,20 @@ class ResilientPool:
             connecting=self._connecting,
             waiting=len(self._waiters),
             down=self._server.down,
-            last_error=None if err is None else f"{type(err).__name__}: {err}",
+            last_error=self._events.last_error,
             **self._events.counters,
         )
 
     # -- connecting ------------------------------------------------------------------
 
     async def _connect(self) -> DriverConnection:
-        started = time.monotonic()
-        conn = await self._connector.connect()
-        self._events.emit("connect", duration=time.monotonic() - started)
-        return conn
-
-    def _new_slot(self, conn: DriverConnection) -> Slot:
-        now = time.monotonic()
-        expires = None
-        if self.max_lifetime is not None:
-            # Up to 10% earlier, so connections made together do not expire together.
-            expires = now + self.max_lifetime * self._rng.uniform(0.9, 1.0)
-        slot = Slot(conn=conn, created=now, expires=expires, last_used=now)
-        self._schedule_check(slot, now)
-        self._slots.add(slot)
-        return slot
-
-    def _schedule_check(self, slot: Slot, now: float) -> None:
-        if self.heartbeat_interval is not None:
-            slot.next_check = now + self.heartbeat_interval * self._rng.uniform(0.8, 1.0)
+        return await self._dialer.connect()
 
     def _note_connect_failure(self, exc: BaseException) -> Failure:
-        self._events.emit("connect_failed", error=exc)
-        self._last_error = exc
-        was_down = self._server.down
-        kind = self._server.failed(exc)
-        if self._server.down and not was_down:
-            self._events.emit("down", error=exc)
-        return kind
+        return self._dialer.failed(exc)
 
     def _wake_connector(self) -> None:
-        if self._closed or not self._opened:
-            return
-        held = self._server.held()
-        if held is not None:
-            # A configuration error holds connecting off: callers that no live
-            # connection can serve hear it at once.
-            if not self._slots:
-                self._fail_waiters(held)
-            return
-        if (self._connector_task is None or self._connector_task.done()) and need(self) > 0:
-            self._connector_task = self._spawn(fill(self))
-
-    def _fail_waiters(self, exc: BaseException) -> None:
-        """Fail every waiter, each with its own copy of *exc* (tracebacks stay apart)."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(copy.copy(exc))
+        wake(self)
 
     # -- the connection source (see _slots) -----------------------------------------
 

@@ -1,5 +1,6 @@
-"""What a pool knows of its server: reachable or not, the last error, and how long to
-hold off after a configuration error. One object per server, cleared on success."""
+"""What a pool knows of its server: reachable or not, the last error, how long to hold
+off after a configuration error, and which incarnation of the server it is (the
+identity the in-doubt protocol checks). One object per server, cleared on success."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import random
 import time
 
+from ._commit import Identity
 from ._errors import Failure, classify
 from ._retry import Backoff, RetryPolicy
 
@@ -42,6 +44,19 @@ class ServerState:
         """No connection attempt before this (monotonic): the backoff between failed
         attempts, kept across refill runs so callers arriving one by one cannot make
         every attempt the first of a new backoff."""
+        self.identity: Identity | None = None
+        """The incarnation the latest connection found (system identifier, start time,
+        crash mark). Each connection also keeps its own: the in-doubt protocol compares
+        the one a transaction ran on with what the server is when it resolves."""
+
+    def learnt(self, identity: Identity | None) -> bool:
+        """Note the incarnation a new connection found; True if it differs from the
+        one seen before (a restart, a crash, or another cluster behind the address)."""
+        if identity is None:
+            return False
+        changed = self.identity is not None and identity != self.identity
+        self.identity = identity
+        return changed
 
     def reachable(self) -> bool:
         """Note a successful connect; True if the server was down until now."""

@@ -5,6 +5,7 @@ the `ConnectionSource` the operations run over (the pool's ``_acquire``, ``_rele
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import deque
@@ -29,14 +30,43 @@ __all__ = [
     "acquire",
     "close_slot",
     "discard",
+    "fail_waiters",
     "lost",
+    "new_slot",
     "put",
     "release",
+    "schedule_check",
     "side_query",
     "take_idle",
 ]
 
 logger = logging.getLogger("aiopg_resilient.pool")
+
+
+def new_slot(pool: ResilientPool, conn: DriverConnection) -> Slot:
+    """Count a new connection in; it is not idle yet (see `put`)."""
+    now = time.monotonic()
+    expires = None
+    if pool.max_lifetime is not None:
+        # Up to 10% earlier, so connections made together do not expire together.
+        expires = now + pool.max_lifetime * pool._rng.uniform(0.9, 1.0)
+    slot = Slot(conn=conn, created=now, expires=expires, last_used=now)
+    schedule_check(pool, slot, now)
+    pool._slots.add(slot)
+    return slot
+
+
+def schedule_check(pool: ResilientPool, slot: Slot, now: float) -> None:
+    if pool.heartbeat_interval is not None:
+        slot.next_check = now + pool.heartbeat_interval * pool._rng.uniform(0.8, 1.0)
+
+
+def fail_waiters(pool: ResilientPool, exc: BaseException) -> None:
+    """Fail every waiter, each with its own copy of *exc* (tracebacks stay apart)."""
+    while pool._waiters:
+        waiter = pool._waiters.popleft()
+        if not waiter.done():
+            waiter.set_exception(copy.copy(exc))
 
 
 class _FoundClosed(Exception):
@@ -92,7 +122,7 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
     held = pool._server.held()
     if held is not None and not pool._slots:
         raise held  # a configuration error, and no connection to wait for
-    if pool._refuse_reentry and held_here(pool) >= pool.max_size:
+    if held_here(pool) >= pool.max_size:
         raise psycopg.ProgrammingError(
             f"this task already holds every connection of {pool.name!r} "
             f"(max_size={pool.max_size}) in a block, e.g. db.fetchval() inside "
@@ -169,7 +199,7 @@ async def release(pool: ResilientPool, slot: Slot) -> None:
         await discard(pool, slot)
         raise
     slot.last_used = now
-    pool._schedule_check(slot, now)
+    schedule_check(pool, slot, now)
     put(pool, slot)
 
 
@@ -228,8 +258,6 @@ async def retire(pool: ResilientPool, slot: Slot) -> None:
 async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> None:
     """A connection was found dead: drop it, check the others, replace it."""
     pool._events.emit("lost", error=exc or _FoundClosed())
-    if exc is not None:
-        pool._last_error = exc
     pool._server.suspect = True
     await close_slot(pool, slot)
     await check_idle_locally(pool)

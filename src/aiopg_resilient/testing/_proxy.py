@@ -26,15 +26,8 @@ drops a session does.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import itertools
 import logging
-import socket
 import ssl
-import threading
-import time
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -42,8 +35,8 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._endpoint import _Endpoint
-from ._session import _CloseHow, _Session
+from ._loop_thread import _LoopThread
+from ._proxy_loop import _ProxyLoop
 from ._snapshots import ConnectionSelector, ProxyConnection, ProxyStats
 from ._trigger import _TRIGGER_ACTIONS, Trigger, TriggerAction
 
@@ -62,7 +55,6 @@ _T = TypeVar("_T")
 
 _CALL_TIMEOUT = 10.0
 """How long a fault method waits for the proxy thread to carry it out."""
-_IDLE_TICK = 0.05
 
 
 class _Server(Protocol):
@@ -105,29 +97,19 @@ class ChaosProxy:
     ) -> None:
         if not 0 <= listen_port <= 65535 or not 0 < upstream_port <= 65535:
             raise ValueError("ports must be in 1..65535 (listen_port may be 0)")
-        self._upstream_host = upstream_host
-        self._upstream_port = upstream_port
-        self._host = listen_host
-        self._port = listen_port
-        self._tls = tls
-        self._upstream_tls = upstream_tls
         self._server: _Server | None = None
         self._dsn: str | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = _LoopThread("aiopg-resilient-chaos-proxy")
         self._used = False
-        # State below is only touched on the proxy's loop.
-        self._listener: socket.socket | None = None
-        self._idle_task: asyncio.Task[None] | None = None
-        self._sessions: dict[int, _Session] = {}
-        self._endpoints: set[_Endpoint] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._triggers: list[Trigger] = []
-        self._latency = 0.0
-        self._freeze_new = False
-        self._accepted = 0
-        self._peak_open = 0
-        self._ids = itertools.count(1)
+        # Its state changes only on the proxy's loop, through `_call`.
+        self._on_loop = _ProxyLoop(
+            upstream_host,
+            upstream_port,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            tls=tls,
+            upstream_tls=upstream_tls,
+        )
 
     @classmethod
     def for_server(cls, server: _Server, *, tls: bool = False) -> ChaosProxy:
@@ -147,14 +129,14 @@ class ChaosProxy:
     @property
     def host(self) -> str:
         """The address the proxy listens on."""
-        return self._host
+        return self._on_loop.host
 
     @property
     def port(self) -> int:
         """The port the proxy listens on (the real one once started)."""
-        if self._port == 0:
+        if self._on_loop.port == 0:
             raise RuntimeError("the proxy has no port until it is started")
-        return self._port
+        return self._on_loop.port
 
     @property
     def dsn(self) -> str | None:
@@ -164,7 +146,7 @@ class ChaosProxy:
     @property
     def running(self) -> bool:
         """Whether the proxy's thread is running."""
-        return self._loop is not None
+        return self._thread.running
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -173,42 +155,34 @@ class ChaosProxy:
         if self._used:
             raise RuntimeError("a ChaosProxy can only be started once")
         self._used = True
-        loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._run_loop, args=(loop,), name="aiopg-resilient-chaos-proxy", daemon=True
-        )
-        self._loop = loop
         self._thread.start()
         try:
-            self._call(self._listen)
+            self._call(self._on_loop.listen)
         except BaseException:
             self.close()
             raise
         if self._server is not None:
             self._dsn = self._server.conninfo(host=self.host, port=self.port)
+        on_loop = self._on_loop
         logger.info(
             "chaos proxy %s:%d -> %s:%d started (tls=%s)",
-            self._host,
-            self._port,
-            self._upstream_host,
-            self._upstream_port,
-            self._tls is not None,
+            on_loop.host,
+            on_loop.port,
+            on_loop.upstream_host,
+            on_loop.upstream_port,
+            on_loop.tls is not None,
         )
         return self
 
     def close(self) -> None:
         """Close every connection and socket, cancel every task, stop the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        if not self._thread.running:
             return
         try:
-            self._call(self._shutdown, timeout=30.0)
+            self._call(self._on_loop.shutdown, timeout=30.0)
         finally:
-            self._loop = None
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            self._thread = None
-        logger.info("chaos proxy %s:%d closed", self._host, self._port)
+            self._thread.stop()
+        logger.info("chaos proxy %s:%d closed", self._on_loop.host, self._on_loop.port)
 
     def __enter__(self) -> ChaosProxy:
         return self.start()
@@ -233,10 +207,11 @@ class ChaosProxy:
         await anyio.to_thread.run_sync(self.close)
 
     def __repr__(self) -> str:
-        port = self._port or "?"
+        on_loop = self._on_loop
+        port = on_loop.port or "?"
         return (
-            f"<ChaosProxy {self._host}:{port} -> {self._upstream_host}:{self._upstream_port}"
-            f" tls={self._tls is not None} running={self.running}>"
+            f"<ChaosProxy {on_loop.host}:{port} -> {on_loop.upstream_host}:{on_loop.upstream_port}"
+            f" tls={on_loop.tls is not None} running={self.running}>"
         )
 
     # -- inspection ------------------------------------------------------------------------
@@ -244,19 +219,19 @@ class ChaosProxy:
     @property
     def connections(self) -> list[ProxyConnection]:
         """Snapshots of the open connections, oldest first."""
-        return self._call(self._snapshots)
+        return self._call(self._on_loop.snapshots)
 
     @property
     def stats(self) -> ProxyStats:
         """Connections accepted, open now, and open at most at once."""
-        return self._call(self._stats)
+        return self._call(self._on_loop.stats)
 
     def reset_stats(self) -> None:
         """Restart the counters: `accepted` from 0, `peak_open` from the connections open now.
 
         Connection ids keep counting up.
         """
-        self._call(self._reset_stats)
+        self._call(self._on_loop.reset_stats)
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -266,11 +241,11 @@ class ChaosProxy:
         The client and the server each get a FIN, preceded by a TLS close_notify where the
         proxy terminates TLS. Held and in-flight data is dropped.
         """
-        return self._call(lambda: self._close_sessions(which, "cut"))
+        return self._call(lambda: self._on_loop.close_sessions(which, "cut"))
 
     def reset(self, which: ConnectionSelector = None) -> int:
         """Close connections abortively (TCP RST) on both sides; return how many."""
-        return self._call(lambda: self._close_sessions(which, "reset"))
+        return self._call(lambda: self._on_loop.close_sessions(which, "reset"))
 
     def freeze(self, which: ConnectionSelector = None) -> int:
         """Stop forwarding in both directions, keeping the sockets open; return how many.
@@ -278,21 +253,21 @@ class ChaosProxy:
         The peers' kernels still get ACKs, so this is a half-open connection: data is held
         (up to the buffer limits, then the senders block) until `thaw`.
         """
-        return self._call(lambda: self._set_frozen(which, True))
+        return self._call(lambda: self._on_loop.set_frozen(which, True))
 
     def thaw(self, which: ConnectionSelector = None) -> int:
         """Resume forwarding, held data first; return how many connections were frozen."""
-        return self._call(lambda: self._set_frozen(which, False))
+        return self._call(lambda: self._on_loop.set_frozen(which, False))
 
     def freeze_new(self, on: bool) -> None:
         """Accept new connections frozen (a black hole: nothing is answered or forwarded)."""
-        self._call(lambda: self._set_attr("_freeze_new", on))
+        self._call(lambda: self._on_loop.set_freeze_new(on))
 
     def set_latency(self, seconds: float) -> None:
         """Delay every chunk by `seconds` in each direction (0 turns it off)."""
         if seconds < 0:
             raise ValueError("latency must be >= 0")
-        self._call(lambda: self._set_attr("_latency", float(seconds)))
+        self._call(lambda: self._on_loop.set_latency(float(seconds)))
 
     def idle_cut(self, seconds: float | None) -> None:
         """Cut connections idle (no byte either way) for longer than `seconds`; None: off.
@@ -301,15 +276,15 @@ class ChaosProxy:
         """
         if seconds is not None and seconds <= 0:
             raise ValueError("the idle timeout must be > 0 (or None to turn it off)")
-        self._call(lambda: self._set_idle_cut(seconds))
+        self._call(lambda: self._on_loop.set_idle_cut(seconds))
 
     def refuse(self) -> None:
         """Stop listening: new connects are refused (ECONNREFUSED); open ones carry on."""
-        self._call(self._stop_listening)
+        self._call(self._on_loop.stop_listening)
 
     def accept(self) -> None:
         """Listen again, on the same port, after `refuse`."""
-        self._call(self._listen)
+        self._call(self._on_loop.listen)
 
     def on_client_message(
         self, pattern: bytes, action: TriggerAction, *, once: bool = True
@@ -333,7 +308,7 @@ class ChaosProxy:
         if not pattern:
             raise ValueError("the pattern must not be empty")
         trigger = Trigger(self, pattern, action, once=once)
-        self._call(lambda: self._add_trigger(trigger))
+        self._call(lambda: self._on_loop.add_trigger(trigger))
         return trigger
 
     # -- plumbing --------------------------------------------------------------------------
@@ -342,173 +317,12 @@ class ChaosProxy:
         self, factory: Callable[[], Coroutine[Any, Any, _T]], *, timeout: float = _CALL_TIMEOUT
     ) -> _T:
         """Run `factory()` on the proxy loop and wait for its result."""
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("the proxy is not running")
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("ChaosProxy methods cannot be called from the proxy's thread")
-        future = asyncio.run_coroutine_threadsafe(factory(), loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
+        return self._thread.call(factory, timeout)
 
-    @staticmethod
-    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("chaos proxy task %s failed", task.get_name(), exc_info=exc)
-
-    def _forget(self, session: _Session) -> None:
-        self._sessions.pop(session.id, None)
-
-    async def _set_attr(self, name: str, value: object) -> None:
-        setattr(self, name, value)
-
-    async def _listen(self) -> None:
-        if self._listener is not None:
-            return
-        listener = socket.create_server((self._host, self._port), backlog=128)
-        listener.setblocking(False)
-        self._listener = listener
-        self._port = listener.getsockname()[1]
-        # A reader callback rather than a task awaiting sock_accept(): cancelling such a task
-        # just as a connection arrives would lose the accepted socket.
-        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener)
-
-    async def _stop_listening(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            asyncio.get_running_loop().remove_reader(listener.fileno())
-            listener.close()
-
-    def _accept_ready(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.warning("chaos proxy: accept failed: %r", exc)
-                return
-            try:
-                sock.setblocking(False)
-                client_port = sock.getpeername()[1]
-            except OSError:  # the client is already gone
-                sock.close()
-                continue
-            session = _Session(
-                self, sock, next(self._ids), client_port=client_port, frozen=self._freeze_new
-            )
-            self._sessions[session.id] = session
-            self._accepted += 1
-            self._peak_open = max(self._peak_open, len(self._sessions))
-            session.start()
-
-    async def _shutdown(self) -> None:
-        await self._stop_listening()
-        await self._set_idle_cut(None)
-        for session in list(self._sessions.values()):
-            await session.close("close")
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-        for endpoint in list(self._endpoints):
-            await endpoint.close()
-
-    async def _snapshots(self) -> list[ProxyConnection]:
-        return [session.snapshot() for session in self._sessions.values()]
-
-    async def _stats(self) -> ProxyStats:
-        return ProxyStats(
-            accepted=self._accepted, open=len(self._sessions), peak_open=self._peak_open
-        )
-
-    async def _reset_stats(self) -> None:
-        self._accepted = 0
-        self._peak_open = len(self._sessions)
-
-    def _select(self, which: ConnectionSelector) -> list[_Session]:
-        sessions = list(self._sessions.values())
-        if which is None:
-            return sessions
-        if callable(which):
-            return [session for session in sessions if which(session.snapshot())]
-        ids = set(which)
-        return [session for session in sessions if session.id in ids]
-
-    async def _close_sessions(self, which: ConnectionSelector, how: _CloseHow) -> int:
-        sessions = self._select(which)
-        closed = await asyncio.gather(*(session.close(how) for session in sessions))
-        count = sum(closed)
-        logger.info("chaos proxy: %s %d connection(s)", how, count)
-        return count
-
-    async def _set_frozen(self, which: ConnectionSelector, frozen: bool) -> int:
-        sessions = [session for session in self._select(which) if session.frozen != frozen]
-        for session in sessions:
-            if frozen:
-                session.freeze()
-            else:
-                session.thaw()
-        logger.info(
-            "chaos proxy: %s %d connection(s)", "froze" if frozen else "thawed", len(sessions)
-        )
-        return len(sessions)
-
-    async def _set_idle_cut(self, seconds: float | None) -> None:
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            await asyncio.wait([self._idle_task])
-            self._idle_task = None
-        if seconds is not None:
-            self._idle_task = self._spawn(self._watch_idle(seconds), "chaos-proxy-idle-cut")
-
-    async def _watch_idle(self, seconds: float) -> None:
-        tick = min(_IDLE_TICK, seconds / 4)
-        while True:
-            await asyncio.sleep(tick)
-            deadline = time.monotonic() - seconds
-            for session in list(self._sessions.values()):
-                if session.upstream is not None and session.last_activity < deadline:
-                    logger.info("chaos proxy: idle cut of connection %d", session.id)
-                    self._spawn(session.close("cut"), f"chaos-proxy-idle-cut-{session.id}")
-
-    async def _add_trigger(self, trigger: Trigger) -> None:
-        self._triggers.append(trigger)
-
-    async def _remove_trigger(self, trigger: Trigger) -> None:
-        with contextlib.suppress(ValueError):
-            self._triggers.remove(trigger)
-
-    def _match_trigger(self, data: bytes) -> Trigger | None:
-        for trigger in self._triggers:
-            if trigger.pattern in data:
-                if trigger.once:
-                    self._triggers.remove(trigger)
-                return trigger
-        return None
+    def _remove_trigger(self, trigger: Trigger) -> None:
+        """Disarm `trigger` (see `Trigger.remove`); a no-op once the proxy is closed."""
+        if self.running:
+            self._call(lambda: self._on_loop.remove_trigger(trigger))
 
 
 ChaosProxy.__module__ = "aiopg_resilient.testing"

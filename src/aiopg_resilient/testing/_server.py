@@ -21,19 +21,17 @@ server binaries are found, else ``docker`` when usable, else raises `ServerUnava
 from __future__ import annotations
 
 import logging
-import ssl as ssl_module
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._admin import _query, _terminate_backends
 from ._backends import _MODES, StopMode, _Backend, _no_control
+from ._details import _ServerDetails
 from ._discovery import BackendName, _check_arguments, choose_backend
 from ._errors import ServerControlUnavailable, ServerUnavailable
 from ._watchdog import _forget, _remember
@@ -53,7 +51,7 @@ _STOP_TIMEOUT = 30.0
 # --- public class -----------------------------------------------------------------------------
 
 
-class PostgresServer:
+class PostgresServer(_ServerDetails):
     """A throwaway PostgreSQL server with ``ssl=on``, for tests.
 
     Use it as a context manager, sync or async; the server starts on entry and is stopped and
@@ -93,10 +91,8 @@ class PostgresServer:
         backend: BackendName = "auto",
     ) -> None:
         self._settings = _check_arguments(backend, port, settings)
-        self._ssl = ssl
+        super().__init__(ssl=ssl, backend=backend)
         self._port = port
-        self._requested_backend: BackendName = backend
-        self._backend: _Backend | None = None
         self._closed = False
         self._lock = threading.RLock()
 
@@ -168,15 +164,6 @@ class PostgresServer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def _open_backend(self) -> _Backend:
-        backend = self._backend
-        if backend is None:
-            raise RuntimeError(
-                "this PostgresServer is not open: use `with PostgresServer() as pg:` "
-                "or `async with`"
-            )
-        return backend
 
     # -- faults --
 
@@ -307,94 +294,6 @@ class PostgresServer:
     ) -> list[tuple[Any, ...]]:
         """Async `execute_sync`: an admin helper for tests (create tables, read pg_stat_*)."""
         return await anyio.to_thread.run_sync(lambda: self.execute_sync(sql, params))
-
-    # -- connection details --
-
-    @property
-    def backend(self) -> str:
-        """``"local"``, ``"env"`` or ``"docker"`` once open; the requested value before."""
-        return self._backend.name if self._backend is not None else self._requested_backend
-
-    @property
-    def running(self) -> bool:
-        """True while the server accepts connections (always True on the ``env`` backend)."""
-        return self._backend is not None and self._backend.running
-
-    @property
-    def ssl(self) -> bool:
-        """Whether the server has TLS on (``env``: whether the DSN requires TLS)."""
-        return self._backend.ssl if self._backend is not None else self._ssl
-
-    @property
-    def host(self) -> str:
-        """Host to connect to: ``127.0.0.1``, which the server certificate covers."""
-        return self._open_backend().host
-
-    @property
-    def port(self) -> int:
-        """TCP port; the same across restarts."""
-        return self._open_backend().port
-
-    @property
-    def user(self) -> str:
-        """Superuser name (``postgres``)."""
-        return self._open_backend().user
-
-    @property
-    def password(self) -> str:
-        """Superuser password, random per run."""
-        return self._open_backend().password
-
-    @property
-    def dbname(self) -> str:
-        """Database name (``postgres``)."""
-        return self._open_backend().dbname
-
-    @property
-    def ca_path(self) -> Path | None:
-        """PEM file of the CA that signed the server certificate; None without TLS."""
-        return self._open_backend().ca_path
-
-    @property
-    def log_path(self) -> Path | None:
-        """The server's log file (local backend only), for diagnosing test failures."""
-        return self._open_backend().log_path
-
-    @property
-    def data_dir(self) -> Path | None:
-        """The data directory (local backend only)."""
-        return self._open_backend().data_dir
-
-    @property
-    def dsn(self) -> str:
-        """libpq key=value DSN: password auth, ``sslmode=verify-full`` against `ca_path`."""
-        return self._open_backend().dsn
-
-    def conninfo(self, **overrides: str | int | None) -> str:
-        """`dsn` with keys replaced or added; a None value removes the key.
-
-        Example: ``pg.conninfo(host=proxy.host, port=proxy.port, sslmode="disable")``.
-        """
-        params = conninfo_to_dict(self.dsn)
-        for key, value in overrides.items():
-            if value is None:
-                params.pop(key, None)
-            else:
-                params[key] = value
-        return make_conninfo("", **params)
-
-    def proxy_ssl_contexts(self) -> tuple[ssl_module.SSLContext, ssl_module.SSLContext]:
-        """TLS contexts for a TLS-terminating proxy in front of this server.
-
-        Returns ``(server_side, client_side)``: the first presents a certificate for
-        ``localhost``/``127.0.0.1`` signed by the same CA as the server's (for the proxy's
-        clients), the second trusts that CA (for the proxy's own TLS to the server).
-
-        Raises:
-            RuntimeError: if the server runs without TLS.
-            ServerControlUnavailable: on the ``env`` backend.
-        """
-        return self._open_backend().ssl_contexts()
 
     def __repr__(self) -> str:
         backend = self._backend

@@ -21,7 +21,7 @@ from ._snapshots import ProxyConnection
 from ._trigger import Trigger
 
 if TYPE_CHECKING:
-    from ._proxy import ChaosProxy
+    from ._proxy_loop import _ProxyLoop
 
 logger = logging.getLogger("aiopg_resilient.testing")
 
@@ -47,7 +47,7 @@ class _Session:
     """One client connection and its upstream connection, with a pump for each direction."""
 
     def __init__(
-        self, proxy: ChaosProxy, sock: socket.socket, ident: int, *, client_port: int, frozen: bool
+        self, proxy: _ProxyLoop, sock: socket.socket, ident: int, *, client_port: int, frozen: bool
     ) -> None:
         self.proxy = proxy
         self.id = ident
@@ -107,7 +107,7 @@ class _Session:
             await self._closed.wait()
             return False
         self._closing = True
-        self.proxy._forget(self)
+        self.proxy.forget(self)
         current = asyncio.current_task()
         others = [task for task in self._tasks if task is not current]
         for task in others:
@@ -127,7 +127,7 @@ class _Session:
         elif how == "cut":
             for endpoint in endpoints:
                 endpoint.send_eof()
-                self.proxy._spawn(endpoint.linger(_LINGER), f"chaos-proxy-linger-{self.id}")
+                self.proxy.spawn(endpoint.linger(_LINGER), f"chaos-proxy-linger-{self.id}")
         else:
             for endpoint in endpoints:
                 await endpoint.close()
@@ -136,7 +136,7 @@ class _Session:
         return True
 
     def _start_task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = self.proxy._spawn(coro, name)
+        task = self.proxy.spawn(coro, name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -168,19 +168,19 @@ class _Session:
 
     async def _open(self) -> None:
         reader, writer = await asyncio.open_connection(sock=self._sock)
-        self.client = _Endpoint(reader, writer, self.proxy._endpoints)
+        self.client = _Endpoint(reader, writer, self.proxy.endpoints)
         for gate in self._gates.values():  # a connection accepted frozen is a black hole
             await gate.wait()
         first = b""
-        if self.proxy._tls is not None:
-            first = await self._negotiate_client(self.client, self.proxy._tls)
+        if self.proxy.tls is not None:
+            first = await self._negotiate_client(self.client, self.proxy.tls)
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.proxy._upstream_host, self.proxy._upstream_port),
+            asyncio.open_connection(self.proxy.upstream_host, self.proxy.upstream_port),
             _CONNECT_TIMEOUT,
         )
-        self.upstream = _Endpoint(reader, writer, self.proxy._endpoints)
-        if self.proxy._upstream_tls is not None:
-            await self._negotiate_upstream(self.upstream, self.proxy._upstream_tls)
+        self.upstream = _Endpoint(reader, writer, self.proxy.endpoints)
+        if self.proxy.upstream_tls is not None:
+            await self._negotiate_upstream(self.upstream, self.proxy.upstream_tls)
         if first:
             await self.upstream.write(first)
             self.bytes_up += len(first)
@@ -205,7 +205,7 @@ class _Session:
         if answer != b"S":
             raise _ProtocolError(f"the server answered {answer!r} to SSLRequest")
         await upstream.start_tls(
-            context, server_side=False, server_hostname=self.proxy._upstream_host
+            context, server_side=False, server_hostname=self.proxy.upstream_host
         )
 
     async def _pump(self, src: _Endpoint, dst: _Endpoint, direction: _Direction) -> bool:
@@ -214,10 +214,10 @@ class _Session:
         try:
             while data := await src.read():
                 self.last_activity = time.monotonic()
-                if self.proxy._latency:
-                    await asyncio.sleep(self.proxy._latency)
+                if self.proxy.latency:
+                    await asyncio.sleep(self.proxy.latency)
                 await gate.wait()
-                trigger = self.proxy._match_trigger(data) if direction == "up" else None
+                trigger = self.proxy.match_trigger(data) if direction == "up" else None
                 if trigger is not None:
                     if await self._fire(trigger, data):
                         return True

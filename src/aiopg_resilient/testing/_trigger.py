@@ -45,8 +45,7 @@ class Trigger:
 
     def remove(self) -> None:
         """Disarm the trigger; a no-op if it already fired once or the proxy is closed."""
-        if self._proxy.running:
-            self._proxy._call(lambda: self._proxy._remove_trigger(self))
+        self._proxy._remove_trigger(self)
 
     async def wait(self, timeout: float = 10.0) -> None:
         """Wait, without blocking the caller's event loop, until the trigger has fired.
