@@ -17,8 +17,9 @@ from psycopg.pq import TransactionStatus
 from . import _conninfo
 from ._commit import IDENTITY_QUERY, Identity
 from ._driver import DriverConnection, tuple_cursor
-from ._errors import ConfigureError
+from ._errors import ConfigureError, Failure, classify
 from ._retry import testing_scale
+from ._role import prefer_primary
 
 __all__ = ["PROBE_INTERVAL", "Configure", "Connector", "Conninfo"]
 
@@ -28,9 +29,10 @@ Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 Conninfo = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
 # A refused connect (nothing listens), a connect closed before any answer (a proxy in
-# front of a stopped server) and "the database system is starting up / shutting down /
-# in recovery" (57P03) cost the server next to nothing: they are probed at most this far
-# apart (jittered), so a server back from a restart or a crash is used within it.
+# front of a stopped server), "the database system is starting up / shutting down /
+# in recovery" (57P03) and a standby where a read-write session is wanted (a promotion
+# under way) cost the server next to nothing: they are probed at most this far apart
+# (jittered), so a server back from a restart or a crash is used within it.
 PROBE_INTERVAL = 0.15
 _CHEAP = (
     "connection refused",
@@ -41,6 +43,9 @@ _CHEAP = (
     "the database system is not yet accepting connections",
     "the database system is not accepting connections",
 )
+
+
+_SETUP_QUERY = f"{IDENTITY_QUERY}, pg_backend_pid()"
 
 
 class Connector:
@@ -62,6 +67,7 @@ class Connector:
         self.configure = configure
         self.probe_interval = probe_interval
         self.setup_timeout = setup_timeout
+        self._pooler_seen = False
         if isinstance(conninfo, str):
             self._fixed: str | None = self._prepare(conninfo)
             self.target = _conninfo.describe(self._fixed)
@@ -89,11 +95,13 @@ class Connector:
         self.target = _conninfo.describe(conninfo)
         return conninfo
 
-    async def connect(self) -> DriverConnection:
-        """A new connection in autocommit mode, configured; its settings remembered."""
-        conn = await DriverConnection.connect(
-            await self._conninfo(), autocommit=True, **self._kwargs
-        )
+    async def connect(self, *, primary: bool = False) -> DriverConnection:
+        """A new connection in autocommit mode, configured; its settings remembered.
+        With *primary*, a multi-host conninfo asks for a read-write session."""
+        conninfo = await self._conninfo()
+        if primary:
+            conninfo = prefer_primary(conninfo)
+        conn = await DriverConnection.connect(conninfo, autocommit=True, **self._kwargs)
         try:
             # A half-open peer right after login must not wedge the pool's refill.
             with anyio.fail_after(self.setup_timeout):
@@ -109,28 +117,47 @@ class Connector:
                         if conn.closed:
                             raise  # the connection died: a connection failure, retried
                         raise ConfigureError(f"configure() failed: {exc}") from exc
-                conn.identity = await _identity(conn)
+                conn.identity, pid = await _identity(conn)
         except BaseException:
             await conn.close()
             raise
+        if pid is not None and pid != conn.info.backend_pid:
+            # The pid psycopg got at login is not the backend's: a pooler (PgBouncer) is
+            # in the path. In its transaction mode the next statement may run on another
+            # server connection, where a statement prepared on this one does not exist.
+            conn.pooled = True
+            if "prepare_threshold" not in self._kwargs:
+                conn.prepare_threshold = None
+            if not self._pooler_seen:
+                self._pooler_seen = True
+                logger.info(
+                    "a connection pooler is in front of %s: server-side prepared statements "
+                    "are off (pass prepare_threshold in connect_kwargs to decide yourself)",
+                    self.target,
+                )
         conn.keep_settings()
         return conn
 
     def delay(self, exc: BaseException, backoff_delay: float, rng: random.Random) -> float:
         """How long to wait before the next attempt after *exc*: the backoff, capped at
         the probe interval for failures that cost the server nothing."""
-        if any(needle in str(exc).lower() for needle in _CHEAP):
+        if (
+            getattr(exc, "sqlstate", None) == "57P03"  # whatever the server's language
+            or classify(exc) is Failure.WRONG_ROLE  # a standby, or a promotion under way
+            or any(needle in str(exc).lower() for needle in _CHEAP)
+        ):
             cap = self.probe_interval * rng.uniform(0.5, 1.0)  # jittered too
             return min(backoff_delay, cap * testing_scale())
         return backoff_delay
 
 
-async def _identity(conn: DriverConnection) -> Identity | None:
+async def _identity(conn: DriverConnection) -> tuple[Identity | None, int | None]:
     """The incarnation of the server behind *conn*, or None if it cannot be read (then a
-    COMMIT in doubt on this connection is `CommitUnknown`, never a guess)."""
+    COMMIT in doubt on this connection is `CommitUnknown`, never a guess); and the
+    backend's pid as the server says it."""
     try:
         cur = tuple_cursor(conn)
-        await cur.execute(IDENTITY_QUERY, prepare=False)
+        await cur.execute(_SETUP_QUERY, prepare=False)
         row = await cur.fetchone()
     except psycopg.Error as exc:
         if conn.closed:
@@ -139,8 +166,8 @@ async def _identity(conn: DriverConnection) -> Identity | None:
             "cannot read the server's identity (%s): a COMMIT in doubt will be CommitUnknown",
             exc,
         )
-        return None
+        return None, None
     if row is None:
-        return None
-    system_id, started, crash_mark = (None if v is None else str(v) for v in row)
-    return system_id, started, crash_mark
+        return None, None
+    system_id, started, crash_mark = (None if v is None else str(v) for v in row[:3])
+    return (system_id, started, crash_mark), row[3]

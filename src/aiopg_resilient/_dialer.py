@@ -41,7 +41,7 @@ class Dialer:
     async def connect(self) -> DriverConnection:
         """One connection attempt (no gate, no note of a failure: see `failed`)."""
         started = time.monotonic()
-        conn = await self.connector.connect()
+        conn = await self.connector.connect(primary=self.server.wants_primary)
         self.events.emit("connect", duration=time.monotonic() - started)
         if self.server.learnt(conn.identity):
             logger.info(

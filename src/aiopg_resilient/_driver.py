@@ -24,6 +24,7 @@ from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg.rows import tuple_row
 
 from ._login import start
+from ._role import RoleChanged, drifted
 
 __all__ = ["DriverConnection", "Owner", "tuple_cursor"]
 
@@ -71,6 +72,10 @@ class DriverConnection(AsyncConnection[Any]):
     identity: tuple[str | None, str | None, str | None] | None = None
     """The server incarnation this connection lives in (see `_commit.IDENTITY_QUERY`)."""
     _baseline: tuple[Any, ...] = ()
+    _role: tuple[bytes | None, bytes | None] | None = None
+    pooled = False
+    """A connection pooler (PgBouncer) is between us and the server: the backend pid
+    psycopg knows is not the server's, and server-side prepared statements are off."""
 
     @classmethod
     def _connect_gen(cls, conninfo: str = "", *, timeout: float = 0.0) -> PQGenConn[Any]:
@@ -145,6 +150,17 @@ class DriverConnection(AsyncConnection[Any]):
         """Remember the connection's settings as configured, to restore them later."""
         self._baseline = self._settings()
         self._reported = self._reported_now()
+        self._role = self.role_now()
+
+    def role_now(self) -> tuple[bytes | None, bytes | None]:
+        """The server's role as reported: (in_hot_standby, default_transaction_read_only)."""
+        status = self.pgconn.parameter_status
+        return status(b"in_hot_standby"), status(b"default_transaction_read_only")
+
+    def role_drift(self) -> str | None:
+        """How the server's reported role moved towards read-only since connect, or None
+        (no round trip: see `_role`)."""
+        return drifted(self._role, self.role_now()) if self._role else None
 
     def _reported_now(self) -> tuple[bytes | None, ...]:
         status = self.pgconn.parameter_status
@@ -160,7 +176,11 @@ class DriverConnection(AsyncConnection[Any]):
 
     async def restore_settings(self) -> None:
         """Undo what a borrower changed on the connection object (idle: no round trip),
-        and the reported session settings it changed with SET (one round trip then)."""
+        and the reported session settings it changed with SET (one round trip then).
+        Raises `RoleChanged` if the server turned read-only: a SET must not undo that."""
+        drift = self.role_drift()
+        if drift is not None:
+            raise RoleChanged(drift)
         if self._reported and self._reported_now() != self._reported:
             changed = [
                 (name, value)

@@ -13,6 +13,7 @@ from psycopg.pq import TransactionStatus
 
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import Failure, classify
+from ._watch import SilentPeer
 
 __all__ = ["failure_of", "is_conflict"]
 
@@ -23,6 +24,8 @@ async def failure_of(conn: DriverConnection, exc: BaseException) -> Failure | No
     """Whether *exc*, raised while *conn* was in use, is a failure of the connection:
     CONNECTION (it is gone), WRONG_ROLE (the server is a standby now), or None (the
     statement's or the caller's own error: the connection is fine)."""
+    if isinstance(exc, SilentPeer):
+        return Failure.CONNECTION  # abandoned by the layer: the path went silent
     if conn.closed:
         # Closed because the caller's own deadline cancelled a query: the caller's.
         return None if conn.interrupted else Failure.CONNECTION

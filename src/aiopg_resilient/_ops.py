@@ -31,12 +31,14 @@ from ._failures import failure_of, is_conflict
 from ._indoubt import Resolver
 from ._retry import RetryPolicy
 from ._source import ConnectionSource, Slot
+from ._watch import SilentPeer, watched
 
 __all__ = ["Operations", "Query"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
+R = TypeVar("R")
 Query = str | bytes | sql.SQL | sql.Composed
 InDoubt = Literal["resolve", "raise"]
 Op = Callable[[DriverConnection], Awaitable[T]]
@@ -153,6 +155,12 @@ class Operations:
         """
         return await self._run(Statement(query, params, _rowcount, user_rows=False), idempotent)
 
+    async def _watched(
+        self, conn: DriverConnection, op: Callable[[DriverConnection], Awaitable[R]]
+    ) -> R:
+        """*op* on *conn*, abandoned (`SilentPeer`) if the path goes silent (`_watch`)."""
+        return await watched(conn, op, self._source._fresh_query, self.heartbeat_timeout)
+
     async def _run(self, stmt: Statement[T], idempotent: bool) -> T:
         return await (self._replay(stmt.run) if idempotent else self._write(stmt))
 
@@ -164,7 +172,7 @@ class Operations:
             attempts.count += 1
             slot = await self._source._acquire(attempts.deadline)
             try:
-                result = await op(slot.conn)
+                result = await self._watched(slot.conn, op)
             except Exception as exc:
                 if await failure_of(slot.conn, exc) is None:
                     await self._source._release(slot)
@@ -198,10 +206,13 @@ class Operations:
                 conn, row_factory=conn.row_factory if stmt.user_rows else tuple_row
             )
             text = cur.mogrify(stmt.query, stmt.params)
+            batch = f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}"
             try:
-                await cur.execute(f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}", prepare=False)
+                await self._watched(conn, lambda c: cur.execute(batch, prepare=False))
             except Exception as exc:
-                if ";" in text.strip().rstrip(";") and conn.closed and not conn.interrupted:
+                if ";" in text.strip().rstrip(";") and (
+                    isinstance(exc, SilentPeer) or (conn.closed and not conn.interrupted)
+                ):
                     # Several statements: one of them may have been a COMMIT that ran.
                     raise _MayHaveRun() from exc
                 raise

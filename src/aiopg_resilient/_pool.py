@@ -38,6 +38,7 @@ from ._slots import (
     close_slot,
     discard,
     fail_waiters,
+    fresh_query,
     lost,
     put,
     release,
@@ -363,6 +364,9 @@ class ResilientPool:
 
     async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
         return await side_query(self, query, params)
+
+    async def _fresh_query(self, query: str, params: dict[str, Any]) -> Any:
+        return await fresh_query(self, query, params)
 
     # -- heartbeat -------------------------------------------------------------------
 

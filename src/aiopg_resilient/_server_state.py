@@ -44,6 +44,9 @@ class ServerState:
         """No connection attempt before this (monotonic): the backoff between failed
         attempts, kept across refill runs so callers arriving one by one cannot make
         every attempt the first of a new backoff."""
+        self.wants_primary = False
+        """A write reached a server in recovery: new connections ask for a read-write
+        session (multi-host conninfo without ``target_session_attrs``; see `_role`)."""
         self.identity: Identity | None = None
         """The incarnation the latest connection found (system identifier, start time,
         crash mark). Each connection also keeps its own: the in-doubt protocol compares

@@ -12,6 +12,7 @@ from collections import deque
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import psycopg
 from psycopg.pq import TransactionStatus
 
@@ -21,6 +22,7 @@ from ._driver import DriverConnection, tuple_cursor
 from ._errors import DatabaseUnavailable, Failure, PoolClosed, PoolTimeout, classify
 from ._failures import failure_of
 from ._liveness import looks_alive
+from ._role import RoleChanged, wrong_server
 from ._source import Slot
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ __all__ = [
     "close_slot",
     "discard",
     "fail_waiters",
+    "fresh_query",
     "lost",
     "new_slot",
     "put",
@@ -104,8 +107,11 @@ async def take_idle(pool: ResilientPool) -> Slot | None:
     while pool._idle:
         slot = pool._idle.pop()
         if (slot.expires is None or now < slot.expires) and looks_alive(slot.conn):
-            return slot
-        if slot.expires is not None and now >= slot.expires:
+            drift = slot.conn.role_drift()
+            if drift is None:
+                return slot
+            await lost(pool, slot, RoleChanged(drift))
+        elif slot.expires is not None and now >= slot.expires:
             await retire(pool, slot)
         else:
             await lost(pool, slot, None)
@@ -214,14 +220,17 @@ async def side_query(pool: ResilientPool, query: str, params: dict[str, Any]) ->
         slot = await take_idle(pool)
         try:
             if slot is not None:
-                row = await _first_row(slot.conn, query, params)
+                # An idle connection may be on a silent path too: bounded like a ping.
+                with anyio.fail_after(pool.heartbeat_timeout):
+                    row = await _first_row(slot.conn, query, params)
                 await release(pool, slot)
                 return row
-            conn = await pool._connect()
-            try:
-                return await _first_row(conn, query, params)
-            finally:
-                await conn.close()
+            return await fresh_query(pool, query, params)
+        except TimeoutError as exc:
+            if slot is not None:
+                await lost(pool, slot, exc)
+            await attempts.again(exc)
+            continue
         except Exception as exc:
             if slot is not None:
                 if await failure_of(slot.conn, exc) is None:
@@ -259,25 +268,41 @@ async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> No
     """A connection was found dead: drop it, check the others, replace it."""
     pool._events.emit("lost", error=exc or _FoundClosed())
     pool._server.suspect = True
+    wrong = exc is not None and wrong_server(exc)
+    if wrong and not pool._server.wants_primary:
+        # A write needs a primary: drain the standby, and ask libpq for one from now on.
+        pool._server.wants_primary = True
+        logger.warning(
+            "pool %r: a write reached a server in recovery; connections to standbys are "
+            "dropped and new ones ask for a read-write session",
+            pool.name,
+        )
     await close_slot(pool, slot)
-    await check_idle_locally(pool)
+    await check_idle_locally(pool, standbys_too=wrong)
     if isinstance(exc, TimeoutError):
         # No local evidence (a half-open peer): ping the others now.
         pool._start_sweep()
     pool._wake_connector()
 
 
-async def check_idle_locally(pool: ResilientPool) -> None:
-    """One loss warns the rest: drop idle connections whose socket says they died."""
+async def check_idle_locally(pool: ResilientPool, *, standbys_too: bool = False) -> None:
+    """One loss warns the rest: drop idle connections whose socket says they died, or
+    whose server turned read-only (and, with *standbys_too*, every one on a standby)."""
     if not pool._idle:
         return
-    alive = [s for s in pool._idle if looks_alive(s.conn)]
-    if len(alive) == len(pool._idle):
+    causes: dict[Slot, BaseException] = {}
+    for slot in pool._idle:
+        if not looks_alive(slot.conn):
+            causes[slot] = _FoundClosed()
+        elif (drift := slot.conn.role_drift()) is not None or (
+            standbys_too and slot.conn.role_now()[0] == b"on"
+        ):
+            causes[slot] = RoleChanged(drift or "the server is a standby (in_hot_standby = on)")
+    if not causes:
         return
-    dead = [s for s in pool._idle if s not in alive]
-    pool._idle = deque(alive)
-    for slot in dead:
-        pool._events.emit("lost", error=_FoundClosed())
+    pool._idle = deque(s for s in pool._idle if s not in causes)
+    for slot, cause in causes.items():
+        pool._events.emit("lost", error=cause)
         await close_slot(pool, slot)
 
 
@@ -288,6 +313,19 @@ def _close_later(conn: DriverConnection) -> None:
     task = asyncio.ensure_future(conn.close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+async def fresh_query(pool: ResilientPool, query: str, params: dict[str, Any]) -> Any:
+    """The first row of a query of the layer's own on a new connection of its own, made
+    and used within ``heartbeat_timeout`` each: no pooled connection (which may be on
+    the same silent path as the one being looked at) and no queue."""
+    with anyio.fail_after(pool.heartbeat_timeout):
+        conn = await pool._connect()
+    try:
+        with anyio.fail_after(pool.heartbeat_timeout):
+            return await _first_row(conn, query, params)
+    finally:
+        await conn.close()
 
 
 async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:

@@ -1,0 +1,108 @@
+"""Silent peers mid-query (issue 9.3): a statement in flight whose path goes silent (the
+proxy holds the bytes, the sockets stay open) is answered from a fresh connection within
+about heartbeat_timeout; a slow but healthy query is neither cut nor run twice; a write
+stuck before COMMIT has its ghost terminated before it is re-run."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from aiopg_resilient.testing import ChaosProxy, PostgresServer
+
+from .conftest import pool_for
+
+PATIENCE = 1.0  # heartbeat_timeout in these tests
+
+
+async def test_reads_in_flight_on_a_frozen_path_are_answered_elsewhere(
+    tls_chaos_proxy: ChaosProxy, app_name: str
+) -> None:
+    """16 reads in flight when every open session freezes: none errors, none reaches a
+    10 s deadline; each is answered from a fresh connection within about 2 x patience."""
+    assert tls_chaos_proxy.dsn is not None
+    durations: list[float] = []
+    deadline_hits = 0
+    async with pool_for(
+        tls_chaos_proxy.dsn, app_name, min_size=16, max_size=16, heartbeat_timeout=PATIENCE
+    ) as pool:
+        await pool.wait(timeout=10)
+
+        async def reader(n: int) -> None:
+            nonlocal deadline_hits
+            started = time.monotonic()
+            with anyio.move_on_after(10) as scope:
+                assert await pool.fetchval("SELECT %s::int FROM pg_sleep(0.3)", (n,)) == n
+            if scope.cancelled_caught:
+                deadline_hits += 1
+            durations.append(time.monotonic() - started)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(16):
+                tg.start_soon(reader, n)
+            await anyio.sleep(0.1)  # all in flight
+            frozen = tls_chaos_proxy.freeze()
+        stats = pool.stats
+    tls_chaos_proxy.thaw()
+    print(
+        f"\nfreeze: {frozen} sessions frozen, 16 reads, {deadline_hits} reached the deadline, "
+        f"slowest {max(durations):.2f}s, lost {stats.connections_lost}, retries {stats.retries}"
+    )
+    assert frozen >= 16
+    assert deadline_hits == 0
+    assert len(durations) == 16
+    assert max(durations) < 2 * PATIENCE + 1.5
+    assert stats.retries >= 16
+
+
+async def test_slow_healthy_query_is_neither_cut_nor_rerun(
+    tls_chaos_proxy: ChaosProxy, app_name: str
+) -> None:
+    """pg_sleep(3) with patience 0.5 s: the backend is seen working, so the query runs
+    once and returns; nothing is lost or retried."""
+    assert tls_chaos_proxy.dsn is not None
+    async with pool_for(
+        tls_chaos_proxy.dsn, app_name, min_size=1, max_size=2, heartbeat_timeout=0.5
+    ) as pool:
+        started = time.monotonic()
+        assert await pool.fetchval("SELECT 7 FROM pg_sleep(3)") == 7
+        elapsed = time.monotonic() - started
+        stats = pool.stats
+    assert 3.0 <= elapsed < 4.0
+    assert stats.retries == 0
+    assert stats.connections_lost == 0
+
+
+async def test_write_stuck_before_commit_on_a_silent_path_ends_its_ghost_first(
+    pg: PostgresServer, tls_chaos_proxy: ChaosProxy, app_name: str
+) -> None:
+    """The INSERT runs, its answer is held (freeze_after): the backend is idle in
+    transaction holding the key's lock. The layer terminates it, waits for it to exit,
+    then re-runs the write: exactly one row, no wait on its own ghost."""
+    assert tls_chaos_proxy.dsn is not None
+    name = f"ghost_{app_name}"
+    await pg.execute(f"CREATE TABLE {name} (k int PRIMARY KEY)")
+    try:
+        async with pool_for(
+            tls_chaos_proxy.dsn, app_name, min_size=1, max_size=2, heartbeat_timeout=PATIENCE
+        ) as pool:
+            tls_chaos_proxy.on_client_message(f"INSERT INTO {name}".encode(), "freeze_after")
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                assert await pool.execute(f"INSERT INTO {name} VALUES (1)") == 1
+            elapsed = time.monotonic() - started
+            stats = pool.stats
+        rows = await pg.execute(f"SELECT count(*) FROM {name}")
+        ghosts = await pg.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
+            "AND application_name = %s",
+            (app_name,),
+        )
+    finally:
+        tls_chaos_proxy.thaw()
+        await pg.execute(f"DROP TABLE IF EXISTS {name}")
+    assert rows[0][0] == 1
+    assert ghosts[0][0] == 0
+    assert elapsed < 2 * PATIENCE + 1.5
+    assert stats.connections_lost >= 1
