@@ -61,6 +61,13 @@ def test_disconnect_texts(text: str) -> None:
         (pe.ProtocolViolation("query_wait_timeout"), "CONNECTION"),
         (pe.ProtocolViolation("idle transaction timeout"), "CONNECTION"),
         (pe.ProtocolViolation("no more connections allowed (max_client_conn)"), "SERVER_BUSY"),
+        (
+            pe.ProtocolViolation(
+                "server login has been failing, try again later (server_login_retry)"
+            ),
+            "SERVER_BUSY",
+        ),
+        (pe.ProtocolViolation("database removed"), "CONNECTION"),  # PgBouncer KILL
         (pe.IdleInTransactionSessionTimeout("x"), "CONNECTION"),  # 25P03, an InternalError
         (pe.CannotConnectNow("the database system is starting up"), "SERVER_BUSY"),
         (pe.TooManyConnections("sorry, too many clients already"), "SERVER_BUSY"),

@@ -4,6 +4,7 @@ are capped, psycopg_pool's open(wait=)/wait()/callable conninfo, and one event s
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from typing import Any
@@ -228,6 +229,22 @@ async def test_reentrant_query_on_a_resilient_connection_fails_at_once(
         assert await db.fetchval("SELECT 2") == 2
 
 
+async def test_a_query_in_a_child_task_of_the_block_fails_at_once(
+    pg: PostgresServer, app_name: str
+) -> None:
+    """asyncio.wait_for (a task of its own before Python 3.12) and gather inside the
+    block: the block still holds the one connection, so they hear it at once too."""
+    async with ResilientConnection(pg.dsn, name=app_name) as db:
+        with anyio.fail_after(2):
+            async with db.transaction() as conn:
+                await conn.execute("SELECT 1")
+                with pytest.raises(psycopg.ProgrammingError, match="already holds"):
+                    await asyncio.wait_for(db.fetchval("SELECT 1"), 5)
+                with pytest.raises(psycopg.ProgrammingError, match="already holds"):
+                    await asyncio.gather(db.fetchval("SELECT 1"))
+        assert await db.fetchval("SELECT 2") == 2
+
+
 async def test_a_task_holding_every_connection_of_a_pool_fails_at_once(
     pg: PostgresServer, app_name: str
 ) -> None:
@@ -328,8 +345,17 @@ async def test_close_is_clean_under_cancellation(pg: PostgresServer, app_name: s
         except PoolClosed as exc:
             errors.append(exc)
 
-    # Both connections busy, three callers waiting.
-    async with anyio.create_task_group() as tg, pool.connection(), pool.connection():
+    held, done = anyio.Event(), anyio.Event()
+
+    async def holder() -> None:
+        async with pool.connection(), pool.connection():
+            held.set()
+            await done.wait()
+
+    # Both connections busy (held by another task), three callers waiting.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await held.wait()
         for _ in range(3):
             tg.start_soon(waiter)
         await until(lambda: pool.stats.waiting == 3)
@@ -337,6 +363,7 @@ async def test_close_is_clean_under_cancellation(pg: PostgresServer, app_name: s
             scope.cancel()
             await pool.close()
         assert scope.cancelled_caught
+        done.set()
     assert len(errors) == 3
     assert len({id(e) for e in errors}) == 3
     await until(lambda: pool.stats.size == 0)

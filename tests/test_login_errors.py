@@ -9,6 +9,8 @@ busy server the pool waits out.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import time
 from collections.abc import Iterator
@@ -53,8 +55,31 @@ def test_login_error_reads_the_code_in_any_language() -> None:
     # A database that does not exist: still an OperationalError, as psycopg raises it.
     missing = login_error("connection failed: FATAL:  3D000: la base n'existe pas")
     assert isinstance(missing, psycopg.OperationalError)
-    assert isinstance(missing, psycopg.errors.InvalidCatalogName)
+    assert missing.sqlstate == "3D000"
     assert classify(missing) is Failure.FATAL
+    # Any other refusal at login is a configuration error too (no CONNECT privilege).
+    denied = login_error("connection failed: FATAL:  42501: permission denied for database")
+    assert classify(denied) is Failure.FATAL
+    # A name quoted in the message cannot pass for the code; the text is left alone.
+    tricky = login_error(
+        'connection to server at "h", port 5 failed: FATAL:  3D000: database '
+        '"x: y:  57P03: z" does not exist'
+    )
+    assert tricky.sqlstate == "3D000"
+    assert '"x: y:  57P03: z"' in str(tricky)
+    # libpq's LOCATION line goes, in whatever language the client speaks.
+    french = login_error(
+        "connection failed: FATAL:  28P01: password authentication failed\n"
+        "EMPLACEMENT : auth_failed, auth.c : 334\n"
+    )
+    assert str(french) == "connection failed: FATAL:  password authentication failed"
+    # They survive pickling (Celery, multiprocessing) and copying, code and text.
+    for exc in (missing, denied, busy):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc)
+        assert again.sqlstate == exc.sqlstate
+        assert str(again) == str(exc)
+        assert copy.copy(exc).sqlstate == exc.sqlstate
     plain = login_error("connection failed: Connection refused")
     assert type(plain) is psycopg.OperationalError
     assert plain.sqlstate is None
@@ -92,10 +117,29 @@ async def test_wrong_password_in_german_is_a_configuration_error(pg_de: Postgres
 async def test_unknown_database_in_german_is_a_configuration_error(
     pg_de: PostgresServer,
 ) -> None:
-    with pytest.raises(psycopg.errors.InvalidCatalogName) as caught:
+    with pytest.raises(psycopg.OperationalError) as caught:
         await DriverConnection.connect(pg_de.conninfo(dbname="nosuch"))
+    assert caught.value.sqlstate == "3D000"
     assert "does not exist" not in str(caught.value)
     assert classify(caught.value) is Failure.FATAL
+
+
+async def test_a_revoked_connect_privilege_fails_open_at_once(pg_de: PostgresServer) -> None:
+    """42501 at login (REVOKE CONNECT): a configuration error, not a busy server."""
+    await pg_de.execute("CREATE ROLE nocon LOGIN PASSWORD 'pw'")
+    await pg_de.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+    try:
+        pool = ResilientPool(pg_de.conninfo(user="nocon", password="pw"), name="de_nocon")
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as caught:
+            await pool.open()
+        assert time.monotonic() - started < 2.0
+        assert caught.value.sqlstate == "42501"
+        assert classify(caught.value) is Failure.FATAL
+        assert pool.stats.connect_failures == 1
+    finally:
+        await pg_de.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
+        await pg_de.execute("DROP ROLE nocon")
 
 
 async def test_shutting_down_in_german_is_waited_out(pg_de: PostgresServer) -> None:

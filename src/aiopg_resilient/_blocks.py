@@ -11,7 +11,6 @@ own COMMIT: a lost answer is resolved or `CommitUnknown`, never "nothing was com
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -32,23 +31,30 @@ T = TypeVar("T")
 
 __all__ = ["BlockOwner", "Blocks", "block", "held_here"]
 
-# The pools whose connections are held in a block, with the task holding each. Tasks
-# started inside a block inherit the context but not the holding: they may well wait
-# for the block to end.
-_HELD: ContextVar[tuple[tuple[int, object], ...]] = ContextVar("aiopg_resilient_held", default=())
+# The pools whose connections are held in blocks, each with a cell that says whether the
+# block is still running. Tasks started inside a block inherit the context: while the
+# block runs, they cannot get its connection either (asyncio.wait_for on Python < 3.12
+# and gather run their coroutine in a task of its own).
+_HELD: ContextVar[tuple[tuple[int, list[bool]], ...]] = ContextVar(
+    "aiopg_resilient_held", default=()
+)
 
 
 def held_here(ops: object) -> int:
-    """How many connections of *ops* the current task itself holds in blocks."""
-    return _HELD.get().count((id(ops), asyncio.current_task()))
+    """How many connections of *ops* are held by blocks this task runs in (its own, and
+    those of the tasks that started it, while they last)."""
+    key = id(ops)
+    return sum(1 for held, running in _HELD.get() if held == key and running[0])
 
 
 @contextmanager
 def _holding(ops: object) -> Iterator[None]:
-    token = _HELD.set((*_HELD.get(), (id(ops), asyncio.current_task())))
+    running = [True]
+    token = _HELD.set((*_HELD.get(), (id(ops), running)))
     try:
         yield
     finally:
+        running[0] = False
         _HELD.reset(token)
 
 

@@ -117,6 +117,8 @@ class Connector:
                         if conn.closed:
                             raise  # the connection died: a connection failure, retried
                         raise ConfigureError(f"configure() failed: {exc}") from exc
+                    if not conn.autocommit:
+                        await conn.set_autocommit(True)  # the layer owns transactions
                 conn.identity, pid = await _identity(conn)
         except BaseException:
             await conn.close()

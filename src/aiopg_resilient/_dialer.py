@@ -3,6 +3,7 @@ the server's state (reachable or not, its last error, the incarnation it is) cur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -14,7 +15,7 @@ from ._connector import Connector
 from ._driver import DriverConnection
 from ._errors import DatabaseUnavailable, Failure, PoolClosed
 from ._events import EventStream
-from ._retry import Backoff, RetryPolicy
+from ._retry import RetryPolicy
 from ._server_state import ServerState
 
 __all__ = ["Dialer"]
@@ -37,6 +38,8 @@ class Dialer:
         self.connector = connector
         self.server = server
         self.events = events
+        # While the server is down, connections of its own are made one at a time.
+        self._single = anyio.Lock()
 
     async def connect(self) -> DriverConnection:
         """One connection attempt (no gate, no note of a failure: see `failed`)."""
@@ -68,32 +71,46 @@ class Dialer:
         started: float,
         closing: Callable[[], bool],
     ) -> DriverConnection:
-        """A connection of its own (a listener's), retried with backoff while the server
-        is down; `DatabaseUnavailable` once ``retry.budget`` from *started* is spent, the
-        configuration error at once."""
+        """A connection of its own (a listener's), retried while the server is down:
+        one attempt at a time across every caller of this while it is down or may be
+        (a connection was just lost), on the pool's backoff
+        schedule (`ServerState.retry_at`); `DatabaseUnavailable` once ``retry.budget``
+        from *started* is spent, the configuration error at once."""
         deadline = started + retry.budget
-        backoff = Backoff(retry, rng)
         attempts = 0
         while True:
-            attempts += 1
             if closing():
                 raise PoolClosed(f"pool {self.name!r} was closed")
             held = self.server.held()
             if held is not None:
                 raise held
-            try:
-                conn = await self.connect()
-            except Exception as exc:
-                if self.failed(exc) is Failure.FATAL:
-                    raise
-                if time.monotonic() >= deadline:
-                    raise DatabaseUnavailable(
-                        f"listener could not reconnect after {attempts} attempts: {exc}",
-                        attempts=attempts,
-                        last_error=exc,
-                    ) from exc
-                await anyio.sleep(backoff.next())
-            else:
-                if self.server.reachable():
-                    self.events.emit("up")
-                return conn
+            pause = self.server.retry_at - time.monotonic()
+            if pause > 0:
+                await anyio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)) + 0.001)
+                if time.monotonic() < deadline:
+                    continue
+            single = self.server.down or self.server.suspect  # down, or may be
+            async with self._single if single else _NOTHING:
+                if self.server.retry_at > time.monotonic() and time.monotonic() < deadline:
+                    continue  # another attempt failed while this one waited its turn
+                attempts += 1
+                try:
+                    conn = await self.connect()
+                except Exception as exc:
+                    if self.failed(exc) is Failure.FATAL:
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise DatabaseUnavailable(
+                            f"listener could not reconnect after {attempts} attempts: {exc}",
+                            attempts=attempts,
+                            last_error=exc,
+                        ) from exc
+                    delay = self.connector.delay(exc, self.server.next_delay(retry), rng)
+                    self.server.retry_at = time.monotonic() + delay
+                    continue
+            if self.server.reachable():
+                self.events.emit("up")
+            return conn
+
+
+_NOTHING = contextlib.nullcontext()

@@ -7,6 +7,8 @@ import ssl
 
 import psycopg
 
+from ._login import refused_at_login
+
 __all__ = [
     "CommitUnknown",
     "ConfigureError",
@@ -126,7 +128,11 @@ _SQLSTATE_FAILURES: dict[str, Failure] = {
 
 # PgBouncer reports its own disconnects as 08P01 with these texts; other 08P01s from it
 # ("no more connections allowed") mean busy.
-_PGBOUNCER_BUSY = ("no more connections allowed", "pgbouncer cannot connect to server")
+_PGBOUNCER_BUSY = (
+    "no more connections allowed",
+    "pgbouncer cannot connect to server",
+    "server login has been failing",  # the server is down or restarting behind it
+)
 
 # Texts of errors raised by libpq or psycopg without a SQLSTATE, lower case, checked in
 # order: configuration problems first, so they are never retried.
@@ -205,6 +211,8 @@ def classify(exc: BaseException) -> Failure:
         failure = _SQLSTATE_FAILURES.get(state)
         if failure is not None:
             return failure
+        if refused_at_login(exc):
+            return Failure.FATAL  # 42501 no CONNECT privilege, 55000 datallowconn off...
         if state.startswith("08"):
             if state == "08P01" and any(t in str(exc).lower() for t in _PGBOUNCER_BUSY):
                 return Failure.SERVER_BUSY

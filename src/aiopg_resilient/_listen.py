@@ -13,8 +13,8 @@ import anyio
 from psycopg import AsyncConnection, Notify, sql
 
 from ._dialer import Dialer
-from ._driver import tuple_cursor
-from ._errors import Failure, classify
+from ._driver import DriverConnection, tuple_cursor
+from ._errors import Failure, PoolClosed, classify
 from ._retry import RetryPolicy
 
 __all__ = ["Listeners", "Reconnected"]
@@ -56,33 +56,53 @@ class Listeners:
         self._timeout = heartbeat_timeout
         self._closing = False
         self._conns: set[AsyncConnection[Any]] = set()
+        self._dialing: set[anyio.CancelScope] = set()
 
     async def close(self) -> None:
-        """End every running listener (each returns from its loop)."""
+        """End every running listener (each returns from its loop), including one that
+        is connecting or waiting to reconnect."""
         self._closing = True
+        for scope in list(self._dialing):
+            scope.cancel()
         for conn in list(self._conns):
             await conn.close()
+
+    async def _dial(self, started: float) -> DriverConnection | None:
+        """The listener's connection, or None if close() ran meanwhile."""
+        with anyio.CancelScope() as scope:
+            self._dialing.add(scope)
+            try:
+                conn = await self._dialer.dedicated(
+                    self._retry, self._rng, started, lambda: self._closing
+                )
+            finally:
+                self._dialing.discard(scope)
+        if scope.cancelled_caught or self._closing:
+            if not scope.cancelled_caught:
+                await conn.close()  # close() ran while this connection was being made
+            return None
+        return conn
 
     async def listen(self, *channels: str) -> AsyncIterator[Notify | Reconnected]:
         if not channels:
             raise ValueError("listen() needs at least one channel")
+        if self._closing:
+            raise PoolClosed("listen() on a closed pool")
         statements = [sql.SQL("LISTEN {}").format(sql.Identifier(ch)) for ch in channels]
         lost_at: float | None = None
         cause = ""
         while not self._closing:
-            conn = await self._dialer.dedicated(
-                self._retry,
-                self._rng,
-                lost_at if lost_at is not None else time.monotonic(),
-                lambda: self._closing,
-            )
-            if self._closing:  # close() ran while this connection was being made
-                await conn.close()
+            conn = await self._dial(lost_at if lost_at is not None else time.monotonic())
+            if conn is None:
                 return
             self._conns.add(conn)
             try:
-                for statement in statements:
-                    await conn.execute(statement)
+                # LISTEN must take effect now, whatever configure() did to autocommit,
+                # and a silent path must not hold it forever.
+                await conn.set_autocommit(True)
+                with anyio.fail_after(self._timeout):
+                    for statement in statements:
+                        await conn.execute(statement)
                 if lost_at is not None:
                     yield Reconnected(tuple(channels), time.monotonic() - lost_at, cause)
                 async for item in self._notifications(conn):
@@ -95,6 +115,7 @@ class Listeners:
                 lost_at = time.monotonic()
                 cause = f"{type(exc).__name__}: {exc}"
                 self._dialer.events.emit("lost", error=exc)  # logged by the event stream
+                self._dialer.server.suspect = True  # the next connect is a single probe
             finally:
                 self._conns.discard(conn)
                 await conn.close()

@@ -22,7 +22,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -32,38 +34,44 @@ from psycopg.abc import PQGenConn
 from psycopg.pq import ConnStatus, PollingStatus
 from psycopg.waiting import Wait
 
-__all__ = ["login_error", "start"]
+__all__ = ["LoginError", "login_error", "refused_at_login", "start"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
 _VERBOSE = 2  # PQERRORS_VERBOSE: SQLSTATE and LOCATION in the message
 _DEFAULT = 1  # PQERRORS_DEFAULT
-# "FATAL:  28P01: password authentication failed..." in any language: the severity is
-# translated, the code is not.
-_CODE = re.compile(r"(^|: )([^:\n]+:  )([0-9A-Z]{5}): ", re.MULTILINE)
-_LOCATION = re.compile(r"^[^:\n]+:  [A-Za-z_0-9]+, [^\n]*\.c:\d+\n?", re.MULTILINE)
+# "... failed: FATAL:  28P01: password authentication failed..." in any language: the
+# severity is translated, the code is not. Only right after the first "failed: " of a
+# line (or at its start): a name quoted later in the message cannot pass for a code.
+_CODE = re.compile(r"^((?:[^\n]*? failed: )?[^:\n]+:  )([0-9A-Z]{5}): ", re.MULTILINE)
+# libpq's "LOCATION:  auth_failed, auth.c:323" line, whatever its language.
+_LOCATION = re.compile(r"^[^\n]*, [\w.]+\.c ?: ?\d+$\n?", re.MULTILINE)
+# Login failures that are not the server's configuration: retried like a busy server.
+_TRANSIENT_CLASSES = ("08", "53", "57")
 
 
 @functools.cache
 def _set_verbosity() -> Any:
-    """libpq's PQsetErrorVerbosity from the libpq psycopg uses, or None."""
+    """libpq's PQsetErrorVerbosity, looked up in the libpq psycopg itself uses, or None."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libpq" in line}
-    except OSError:
+        if pq.__impl__ == "python":
+            from psycopg.pq import _pq_ctypes
+
+            func = getattr(_pq_ctypes, "pq").PQsetErrorVerbosity  # noqa: B009 (untyped)
+        else:
+            # psycopg's compiled module links its libpq: a symbol looked up through its
+            # handle is that libpq's, whatever other libpq the process has loaded.
+            module = sys.modules.get(f"psycopg_{pq.__impl__}.pq")
+            path = getattr(module, "__file__", None)
+            if path is None:
+                return None
+            func = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).PQsetErrorVerbosity
+    except (ImportError, OSError, AttributeError) as exc:
+        logger.debug("libpq's PQsetErrorVerbosity not found (%s): login errors by text", exc)
         return None
-    bundled = pq.__impl__ == "binary"
-    for path in sorted(paths):
-        if ("psycopg_binary" in path) == bundled:
-            try:
-                func = ctypes.CDLL(path).PQsetErrorVerbosity
-            except (OSError, AttributeError):
-                continue
-            func.argtypes = [ctypes.c_void_p, ctypes.c_int]
-            func.restype = ctypes.c_int
-            return func
-    logger.debug("libpq not found in /proc/self/maps: login errors classified by text")
-    return None
+    func.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    func.restype = ctypes.c_int
+    return func
 
 
 def _verbosity(pgconn: pq.abc.PGconn, level: int) -> None:
@@ -73,29 +81,57 @@ def _verbosity(pgconn: pq.abc.PGconn, level: int) -> None:
         func(pointer, level)
 
 
+class LoginError(psycopg.OperationalError):
+    """A login refused with a SQLSTATE whose psycopg class is not an `OperationalError`
+    (3D000 no such database, 42501 no CONNECT privilege, 55000 database not accepting
+    connections...): still an `OperationalError`, as psycopg raises login errors."""
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (self.sqlstate, str(self)))
+
+
+LoginError.__module__ = "aiopg_resilient"
+
+
+def _rebuild(sqlstate: str | None, message: str) -> psycopg.OperationalError:
+    exc = _error_class(sqlstate or "")(message)
+    exc.sqlstate = sqlstate
+    return exc
+
+
 @functools.cache
 def _error_class(sqlstate: str) -> type[psycopg.OperationalError]:
-    """An `OperationalError` class for a login error with *sqlstate*."""
+    """The class of a login error with *sqlstate*: psycopg's own when it is an
+    `OperationalError` (``InvalidPassword``...), else a `LoginError`."""
     try:
         known = errors.lookup(sqlstate)
     except KeyError:
         known = None
     if known is not None and issubclass(known, psycopg.OperationalError):
         return known
-    name = known.__name__ if known is not None else f"LoginError{sqlstate}"
-    bases = (psycopg.OperationalError,) + ((known,) if known is not None else ())
-    cls = type(name, bases, {"sqlstate": sqlstate, "__module__": "aiopg_resilient"})
-    return cls
+    return LoginError
+
+
+def refused_at_login(exc: BaseException) -> bool:
+    """A login error with a SQLSTATE that says the server refuses this login (wrong
+    credentials, database, privilege...), not that it is busy, starting or going away."""
+    state = getattr(exc, "sqlstate", None)
+    return (
+        getattr(exc, "login", False) is True
+        and isinstance(state, str)
+        and not state.startswith(_TRANSIENT_CLASSES)
+    )
 
 
 def login_error(message: str) -> psycopg.OperationalError:
     """The error for libpq's *message* of a failed login (verbose form or not)."""
-    codes = [m.group(3) for m in _CODE.finditer(message)]
+    codes = [m.group(2) for m in _CODE.finditer(message)]
     if not codes:
         return psycopg.OperationalError(message)
-    text = _LOCATION.sub("", _CODE.sub(r"\1\2", message)).rstrip("\n")
+    text = _LOCATION.sub("", _CODE.sub(r"\1", message)).rstrip("\n")
     exc = _error_class(codes[-1])(text)
     exc.sqlstate = codes[-1]
+    exc.login = True  # type: ignore[attr-defined]
     return exc
 
 

@@ -224,6 +224,10 @@ class ResilientPool:
         notification comes. Raises `DatabaseUnavailable` when the server stays
         unreachable for ``retry.timeout``; `close()` ends it.
         """
+        if not channels:
+            raise ValueError("listen() needs at least one channel")
+        if not self._opened or self._closed:
+            raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closed else 'not open'}")
         return self._listeners.listen(*channels)
 
     # -- lifecycle -------------------------------------------------------------------

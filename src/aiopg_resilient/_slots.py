@@ -197,6 +197,9 @@ async def release(pool: ResilientPool, slot: Slot) -> None:
             await pool.reset(conn)
             if conn.pgconn.transaction_status != TransactionStatus.IDLE:
                 raise psycopg.ProgrammingError("reset() left the connection in a transaction")
+    except RoleChanged as exc:  # the server stopped taking writes: drop it, check the rest
+        await lost(pool, slot, exc)
+        return
     except Exception as exc:
         logger.warning("pool %r: could not reset a returned connection: %s", pool.name, exc)
         await discard(pool, slot)

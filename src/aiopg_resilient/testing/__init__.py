@@ -13,14 +13,17 @@ from .._retry import fast_retries
 
 if TYPE_CHECKING:
     from ._errors import ServerControlUnavailable, ServerUnavailable
+    from ._pgbouncer import PgBouncer
     from ._proxy import ChaosProxy
     from ._replica import StandbyServer
     from ._server import PostgresServer
     from ._snapshots import ProxyConnection, ProxyStats
+    from ._switchover import switchover
     from ._trigger import Trigger
 
 __all__ = [
     "ChaosProxy",
+    "PgBouncer",
     "PostgresServer",
     "ProxyConnection",
     "ProxyStats",
@@ -29,10 +32,12 @@ __all__ = [
     "StandbyServer",
     "Trigger",
     "fast_retries",
+    "switchover",
 ]
 
 _WHERE = {
     "ChaosProxy": "._proxy",
+    "PgBouncer": "._pgbouncer",
     "ProxyConnection": "._snapshots",
     "ProxyStats": "._snapshots",
     "Trigger": "._trigger",
@@ -40,6 +45,7 @@ _WHERE = {
     "ServerControlUnavailable": "._errors",
     "ServerUnavailable": "._errors",
     "StandbyServer": "._replica",
+    "switchover": "._switchover",
 }
 
 

@@ -265,6 +265,27 @@ class PostgresServer(_ServerDetails):
             lambda: self.start_standby_sync(synchronous=synchronous)
         )
 
+    def demote_sync(self, new_primary: PostgresServer, *, timeout: float = 30.0) -> None:
+        """Turn this server into a hot standby streaming from ``new_primary`` (a switchover).
+
+        Stops it (fast: clients get ``AdminShutdown``), writes ``standby.signal`` and a
+        ``primary_conninfo`` for ``new_primary`` (following its latest timeline, through a
+        new slot there), starts it and waits until it streams. ``pg_rewind`` runs first if its
+        WAL went past the point where ``new_primary``'s timeline forked off (that needs
+        ``REWIND_SETTINGS``). For a whole switchover (stop, promote, demote), see
+        ``aiopg_resilient.testing._switchover.switchover``.
+
+        Raises:
+            ServerControlUnavailable: on any backend but ``local``.
+        """
+        from ._switchover import _demote_server
+
+        _demote_server(self, new_primary, timeout=timeout)
+
+    async def demote(self, new_primary: PostgresServer, *, timeout: float = 30.0) -> None:
+        """Async `demote_sync`."""
+        await anyio.to_thread.run_sync(lambda: self.demote_sync(new_primary, timeout=timeout))
+
     def terminate_backends_sync(self, application_name: str | None = None) -> int:
         """``pg_terminate_backend`` every client backend but our own; return how many died.
 
