@@ -6,6 +6,7 @@ stuck before COMMIT has its ghost terminated before it is re-run."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 import anyio
 
@@ -16,44 +17,58 @@ from .conftest import pool_for
 PATIENCE = 1.0  # heartbeat_timeout in these tests
 
 
-async def test_reads_in_flight_on_a_frozen_path_are_answered_elsewhere(
-    tls_chaos_proxy: ChaosProxy, app_name: str
+async def test_reads_and_writes_in_flight_on_a_frozen_path_are_answered_elsewhere(
+    pg: PostgresServer, tls_chaos_proxy: ChaosProxy, app_name: str, table: str
 ) -> None:
-    """16 reads in flight when every open session freezes: none errors, none reaches a
-    10 s deadline; each is answered from a fresh connection within about 2 x patience."""
+    """16 reads and 4 writes in flight, and 4 writes idle in the pool, when every open
+    session freezes: none errors, none reaches a 10 s deadline; each is answered from a
+    fresh connection within about 2 x patience; every write is applied exactly once."""
     assert tls_chaos_proxy.dsn is not None
-    durations: list[float] = []
-    deadline_hits = 0
+    durations: dict[str, float] = {}
+    deadline_hits: list[str] = []
     async with pool_for(
-        tls_chaos_proxy.dsn, app_name, min_size=16, max_size=16, heartbeat_timeout=PATIENCE
+        tls_chaos_proxy.dsn, app_name, min_size=24, max_size=24, heartbeat_timeout=PATIENCE
     ) as pool:
         await pool.wait(timeout=10)
 
-        async def reader(n: int) -> None:
-            nonlocal deadline_hits
+        async def timed(name: str, op: Awaitable[object]) -> None:
             started = time.monotonic()
             with anyio.move_on_after(10) as scope:
-                assert await pool.fetchval("SELECT %s::int FROM pg_sleep(0.3)", (n,)) == n
+                await op
             if scope.cancelled_caught:
-                deadline_hits += 1
-            durations.append(time.monotonic() - started)
+                deadline_hits.append(name)
+            durations[name] = time.monotonic() - started
+
+        async def read(n: int) -> None:
+            assert await pool.fetchval("SELECT %s::int FROM pg_sleep(0.3)", (n,)) == n
+
+        async def write(n: int, sleep: float) -> None:
+            query = f"INSERT INTO {table} SELECT %s, 1 FROM pg_sleep(%s)"
+            assert await pool.execute(query, (f"w{n}", sleep)) == 1
 
         async with anyio.create_task_group() as tg:
             for n in range(16):
-                tg.start_soon(reader, n)
+                tg.start_soon(timed, f"r{n}", read(n))
+            for n in range(4):
+                tg.start_soon(timed, f"w{n}", write(n, 0.3))
             await anyio.sleep(0.1)  # all in flight
             frozen = tls_chaos_proxy.freeze()
+            for n in range(4, 8):  # on connections frozen while idle
+                tg.start_soon(timed, f"w{n}", write(n, 0.0))
         stats = pool.stats
     tls_chaos_proxy.thaw()
+    rows = await pg.execute(f"SELECT k, count(*) FROM {table} GROUP BY k")
+    counts = {k: int(c) for k, c in rows}
     print(
-        f"\nfreeze: {frozen} sessions frozen, 16 reads, {deadline_hits} reached the deadline, "
-        f"slowest {max(durations):.2f}s, lost {stats.connections_lost}, retries {stats.retries}"
+        f"\nfreeze: {frozen} sessions frozen, 16 reads and 8 writes, {len(deadline_hits)} "
+        f"reached the deadline, slowest {max(durations.values()):.2f}s, lost "
+        f"{stats.connections_lost}, retries {stats.retries}, resolved {stats.commits_resolved}"
     )
-    assert frozen >= 16
-    assert deadline_hits == 0
-    assert len(durations) == 16
-    assert max(durations) < 2 * PATIENCE + 1.5
-    assert stats.retries >= 16
+    assert frozen >= 20
+    assert deadline_hits == []
+    assert len(durations) == 24
+    assert max(durations.values()) < 2 * PATIENCE + 2.0
+    assert counts == {f"w{n}": 1 for n in range(8)}
 
 
 async def test_slow_healthy_query_is_neither_cut_nor_rerun(
