@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 
 import anyio
 
+from aiopg_resilient._watch import silent
 from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
 from .conftest import pool_for
@@ -121,3 +122,43 @@ async def test_write_stuck_before_commit_on_a_silent_path_ends_its_ghost_first(
     assert ghosts[0][0] == 0
     assert elapsed < 2 * PATIENCE + 1.5
     assert stats.connections_lost >= 1
+
+
+async def test_big_result_read_slowly_is_not_cut(
+    tls_chaos_proxy: ChaosProxy, app_name: str
+) -> None:
+    """A big report through a slow path: the backend spends seconds blocked sending
+    (ClientWrite) while the client receives steadily. Data keeps arriving on the
+    client's socket, so the layer keeps waiting: one run, the whole result."""
+    assert tls_chaos_proxy.dsn is not None
+    async with pool_for(
+        tls_chaos_proxy.dsn, app_name, min_size=1, max_size=2, heartbeat_timeout=0.5
+    ) as pool:
+        await pool.wait(timeout=5)
+        tls_chaos_proxy.set_latency(0.004)  # every chunk late: a slow path
+        try:
+            started = time.monotonic()
+            rows = await pool.fetch("SELECT repeat('x', 2000) FROM generate_series(1, 1500)")
+            elapsed = time.monotonic() - started
+        finally:
+            tls_chaos_proxy.set_latency(0)
+        stats = pool.stats
+    print(f"\nbig result: {len(rows)} rows in {elapsed:.2f}s, lost {stats.connections_lost}")
+    assert len(rows) == 1500
+    assert elapsed > 1.0  # slow enough for the layer to look at it
+    assert stats.retries == 0
+    assert stats.connections_lost == 0
+
+
+def test_the_silent_decision() -> None:
+    """Pure: when a statement with no answer for a while is on a silent path."""
+    p = 1.0
+    assert silent(None, None, p)  # the backend is gone
+    assert silent(("idle", "ClientRead", False), None, p)  # done: the answer never came
+    assert silent(("idle in transaction", "ClientRead", True), 5.0, p)
+    assert not silent(("idle", "ClientRead", False), 0.2, p)  # data still arriving
+    assert not silent(("active", None, True), 9.0, p)  # working on it
+    assert not silent(("active", "transactionid", True), 9.0, p)  # waiting on a lock
+    assert not silent(("active", "ClientWrite", False), None, p)  # cannot tell: working
+    assert not silent(("active", "ClientWrite", False), 0.1, p)  # a big result, flowing
+    assert silent(("active", "ClientWrite", False), 3.0, p)  # blocked, nothing arrives

@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import psycopg
 
 from ._driver import DriverConnection
 
@@ -49,16 +53,48 @@ _TERMINATE = (
 )
 
 
+# struct tcp_info: tcpi_last_data_recv (ms since data last arrived) is at this offset.
+_LAST_DATA_RECV = 52
+
+
 class SilentPeer(Exception):
     """The connection went silent with a statement in flight (see the module doc)."""
 
 
-def silent(row: Any) -> bool:
-    """From a row of the look (None if the backend is gone): is the path silent?"""
+def silent(row: Any, quiet: float | None, patience: float) -> bool:
+    """From a row of the look (None if the backend is gone), and how long nothing has
+    arrived on the client's socket (*quiet*, None if unknown): is the path silent?
+
+    A backend that is gone, or done (idle), while nothing arrives: silent. A backend
+    blocked sending (``ClientWrite``) may be feeding a big result to a client that reads
+    it slowly: silent only if nothing has arrived for *patience* either; when that cannot
+    be known (not Linux, a Unix socket), it is taken as working.
+    """
     if row is None:
         return True
     state, wait_event, _ = row
-    return bool(state != "active" or wait_event == "ClientWrite")
+    if quiet is not None and quiet < patience:
+        return False  # data is arriving: the answer is on its way
+    if state != "active":
+        return True
+    return wait_event == "ClientWrite" and quiet is not None
+
+
+def quiet_for(fd: int) -> float | None:
+    """Seconds since data last arrived on TCP socket *fd* (Linux ``TCP_INFO``), or None."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None or fd < 0:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return None
+            info = sock.getsockopt(socket.IPPROTO_TCP, option, 104)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return float(struct.unpack_from("I", info, _LAST_DATA_RECV)[0]) / 1000.0
 
 
 async def watched(
@@ -72,12 +108,18 @@ async def watched(
         return await op(conn)
     loop = asyncio.get_running_loop()
     pid = conn.info.backend_pid
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        fd = -1  # (the statement will find out)
     verdict: list[str] = []
     watcher: list[asyncio.Task[None]] = []
     with anyio.CancelScope() as scope:
 
         def start() -> None:
-            watcher.append(asyncio.ensure_future(_watch(pid, side_query, patience, scope, verdict)))
+            watcher.append(
+                asyncio.ensure_future(_watch(pid, fd, side_query, patience, scope, verdict))
+            )
 
         timer = loop.call_later(patience, start)
         try:
@@ -91,6 +133,7 @@ async def watched(
 
 async def _watch(
     pid: int,
+    fd: int,
     side_query: SideQuery,
     patience: float,
     scope: anyio.CancelScope,
@@ -100,19 +143,22 @@ async def _watch(
         try:
             with anyio.fail_after(2 * patience):
                 row = await side_query(_LOOK, {"pid": pid})
-                if silent(row) and row is not None and row[0] != "idle":
+                # (The statement still waits: had it ended, this task would be cancelled
+                # at the await above, so *fd* is still the statement's socket.)
+                quiet = quiet_for(fd)
+                if silent(row, quiet, patience) and row is not None and row[0] != "idle":
                     # A transaction may be open on it (a write whose COMMIT was never
                     # sent): it must end before the statement is re-run.
                     await side_query(_TERMINATE, {"pid": pid})
                     while (gone := await side_query(_LOOK, {"pid": pid})) is not None:
-                        if not silent(gone):
+                        if not silent(gone, None, patience):
                             raise RuntimeError(f"backend {pid} is working again")
                         await anyio.sleep(0.02)
                     row = None
         except Exception as exc:  # cannot look (or end it): keep waiting for the answer
             logger.debug("cannot look at backend %s (%s); still waiting", pid, exc)
         else:
-            if silent(row):
+            if silent(row, quiet, patience):
                 state = "gone" if row is None else f"{row[0]}, {row[1]}"
                 verdict.append(
                     f"no answer for {patience:.3g}s and backend {pid} is not working on the "
