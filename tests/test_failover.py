@@ -223,8 +223,13 @@ async def test_a_write_on_a_standby_moves_to_the_primary(pair: Pair) -> None:
 
 async def test_read_pool_on_standbys_falls_back_to_the_primary(pair: Pair) -> None:
     """A read pool with target_session_attrs=prefer-standby reads from the standby; when
-    no standby answers, it reads from the primary without an error."""
-    dsn = pair.dsn(target_session_attrs="prefer-standby")
+    no standby answers, it reads from the primary without an error. (The standby is
+    listed first: psycopg < 3.3 tries the hosts one by one itself, so libpq's
+    prefer-standby only sees one host at a time.)"""
+    ports = f"{pair.standby.port},{pair.primary.port}"
+    dsn = pair.primary.conninfo(
+        host="127.0.0.1,127.0.0.1", port=ports, target_session_attrs="prefer-standby"
+    )
     async with ResilientPool(dsn, name="reads", min_size=2, max_size=4) as reads:
         assert await reads.fetchval("SELECT pg_is_in_recovery()") is True
         await pair.standby.set_synchronous(False)  # the primary must not wait for it

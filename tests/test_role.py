@@ -28,7 +28,8 @@ def test_drift_is_towards_read_only_only() -> None:
 def test_prefer_primary_only_for_several_hosts_without_a_choice() -> None:
     assert "read-write" in prefer_primary("host=a,b port=1,2 dbname=x")
     assert prefer_primary("host=a port=1") == "host=a port=1"
-    kept = prefer_primary("host=a,b target_session_attrs=any")
+    assert "read-write" in prefer_primary("host=a,b target_session_attrs=any")
+    kept = prefer_primary("host=a,b target_session_attrs=prefer-standby")
     assert "read-write" not in kept
 
 
@@ -73,3 +74,21 @@ async def test_a_fence_is_not_undone_by_the_pool(fenced: PostgresServer) -> None
                     await anyio.sleep(0.05)
     rows = await fenced.execute("SELECT k FROM fence_t ORDER BY k")
     assert [r[0] for r in rows] == [1, 3]
+
+
+async def test_a_lifted_fence_is_not_put_back_by_the_pool(fenced: PostgresServer) -> None:
+    """Connections made while the server was read-only (their configured default is
+    "on") see it lifted by a reload while idle: the pool must not SET it back to "on"
+    when they come back; writes work on every one of them."""
+    await fenced.execute("CREATE TABLE lift_t (k int)")
+    await _fence(fenced, True)
+    async with ResilientPool(fenced.dsn, name="lift", min_size=3, max_size=3) as pool:
+        await pool.wait(timeout=5)
+        await _fence(fenced, False)
+        await anyio.sleep(0.2)  # the idle sessions take the reload
+        for n in range(10):
+            async with anyio.create_task_group() as tg:
+                for k in range(3):
+                    tg.start_soon(pool.execute, "INSERT INTO lift_t VALUES (%s)", (n * 3 + k,))
+    rows = await fenced.execute("SELECT count(*) FROM lift_t")
+    assert rows[0][0] == 30

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 
 import anyio
 
+from aiopg_resilient._look import CANNOT
 from aiopg_resilient._watch import silent
 from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
@@ -151,14 +152,31 @@ async def test_big_result_read_slowly_is_not_cut(
 
 
 def test_the_silent_decision() -> None:
-    """Pure: when a statement with no answer for a while is on a silent path."""
+    """Pure: when a statement with no answer for a while is on a silent path. Rows are
+    (state, wait_event, seconds in that state); the statement has been out 2 s."""
     p = 1.0
-    assert silent(None, None, p)  # the backend is gone
-    assert silent(("idle", "ClientRead", False), None, p)  # done: the answer never came
-    assert silent(("idle in transaction", "ClientRead", True), 5.0, p)
-    assert not silent(("idle", "ClientRead", False), 0.2, p)  # data still arriving
-    assert not silent(("active", None, True), 9.0, p)  # working on it
-    assert not silent(("active", "transactionid", True), 9.0, p)  # waiting on a lock
-    assert not silent(("active", "ClientWrite", False), None, p)  # cannot tell: working
-    assert not silent(("active", "ClientWrite", False), 0.1, p)  # a big result, flowing
-    assert silent(("active", "ClientWrite", False), 3.0, p)  # blocked, nothing arrives
+
+    def is_silent(row: object, quiet: float | None, big: bool = False) -> bool:
+        return silent(row, quiet, p, running=2.0, big=big)
+
+    assert is_silent(None, None)  # the backend is gone
+    assert is_silent(None, 3.0)
+    assert not is_silent(None, 0.1)  # ... but data still moves on our socket: wait
+    assert not is_silent(CANNOT, 9.0)  # another server, or the look failed
+    assert is_silent(("idle", "ClientRead", 1.0), None)  # done: the answer never came
+    assert is_silent(("idle in transaction", "ClientRead", 1.0), 5.0)
+    assert not is_silent(("idle", "ClientRead", 1.0), 0.2)  # data still moving
+    assert not is_silent(("active", None, 2.0), 9.0)  # working on it
+    assert not is_silent(("active", "transactionid", 2.0), 9.0)  # waiting on a lock
+    assert not is_silent(("disabled", None, None), 9.0)  # track_activities = off
+    assert not is_silent((None, None, None), 9.0)  # hidden from this role: cannot tell
+    assert not is_silent(("active", "ClientWrite", 2.0), None)  # cannot tell: working
+    assert not is_silent(("active", "ClientWrite", 2.0), 0.1)  # a big result, flowing
+    assert is_silent(("active", "ClientWrite", 2.0), 3.0)  # blocked, nothing arrives
+    assert is_silent(("active", "ClientRead", 2.0), 3.0)  # frozen between Parse and Bind
+    # A big request that has not arrived (idle since before it was sent, or being read)
+    # may still be crossing a buffering middlebox: not proof. Once it ran, it is.
+    assert not is_silent(("idle", "ClientRead", 5.0), 3.0, big=True)
+    assert not is_silent(("active", "ClientRead", 1.0), 3.0, big=True)
+    assert is_silent(("idle", "ClientRead", 1.0), 3.0, big=True)
+    assert is_silent(("idle", "ClientRead", 5.0), 3.0)  # small and never arrived: frozen

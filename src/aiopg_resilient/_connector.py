@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from . import _conninfo
@@ -19,7 +20,7 @@ from ._commit import IDENTITY_QUERY, Identity
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import ConfigureError, Failure, classify
 from ._retry import testing_scale
-from ._role import prefer_primary
+from ._role import offers_alternatives, prefer_primary
 
 __all__ = ["PROBE_INTERVAL", "Configure", "Connector", "Conninfo"]
 
@@ -45,7 +46,11 @@ _CHEAP = (
 )
 
 
-_SETUP_QUERY = f"{IDENTITY_QUERY}, pg_backend_pid()"
+_SETUP_QUERY = (
+    f"{IDENTITY_QUERY}, pg_backend_pid(), "
+    "(SELECT extract(epoch FROM backend_start)::text FROM pg_stat_activity "
+    "WHERE pid = pg_backend_pid())"
+)
 
 
 class Connector:
@@ -102,6 +107,9 @@ class Connector:
         if primary:
             conninfo = prefer_primary(conninfo)
         conn = await DriverConnection.connect(conninfo, autocommit=True, **self._kwargs)
+        conn.alternatives = offers_alternatives(conninfo)
+        threshold = conn.prepare_threshold
+        before = conn.reported_now()
         try:
             # A half-open peer right after login must not wedge the pool's refill.
             with anyio.fail_after(self.setup_timeout):
@@ -119,7 +127,7 @@ class Connector:
                         raise ConfigureError(f"configure() failed: {exc}") from exc
                     if not conn.autocommit:
                         await conn.set_autocommit(True)  # the layer owns transactions
-                conn.identity, pid = await _identity(conn)
+                conn.identity, pid, conn.backend_start = await _identity(conn)
         except BaseException:
             await conn.close()
             raise
@@ -128,8 +136,8 @@ class Connector:
             # in the path. In its transaction mode the next statement may run on another
             # server connection, where a statement prepared on this one does not exist.
             conn.pooled = True
-            if "prepare_threshold" not in self._kwargs:
-                conn.prepare_threshold = None
+            if "prepare_threshold" not in self._kwargs and conn.prepare_threshold == threshold:
+                conn.prepare_threshold = None  # (unless configure() chose)
             if not self._pooler_seen:
                 self._pooler_seen = True
                 logger.info(
@@ -137,7 +145,25 @@ class Connector:
                     "are off (pass prepare_threshold in connect_kwargs to decide yourself)",
                     self.target,
                 )
-        conn.keep_settings()
+        conn.keep_settings(before)
+        return conn
+
+    async def connect_to(self, target: tuple[str, str, str]) -> DriverConnection:
+        """A bare connection (no ``configure``) to the server at *target* (host, host
+        address, port, as ``conn.info`` says), whatever hosts the conninfo lists."""
+        params = conninfo_to_dict(await self._conninfo())
+        host, hostaddr, port = target
+        params.update(host=host, port=port)
+        if hostaddr:
+            params["hostaddr"] = hostaddr
+        else:
+            params.pop("hostaddr", None)
+        for key in ("target_session_attrs", "load_balance_hosts"):
+            params.pop(key, None)
+        conn = await DriverConnection.connect(
+            make_conninfo("", **params), autocommit=True, **self._kwargs
+        )
+        conn.prepare_threshold = None
         return conn
 
     def delay(self, exc: BaseException, backoff_delay: float, rng: random.Random) -> float:
@@ -153,10 +179,12 @@ class Connector:
         return backoff_delay
 
 
-async def _identity(conn: DriverConnection) -> tuple[Identity | None, int | None]:
+async def _identity(
+    conn: DriverConnection,
+) -> tuple[Identity | None, int | None, str | None]:
     """The incarnation of the server behind *conn*, or None if it cannot be read (then a
-    COMMIT in doubt on this connection is `CommitUnknown`, never a guess); and the
-    backend's pid as the server says it."""
+    COMMIT in doubt on this connection is `CommitUnknown`, never a guess); the backend's
+    pid as the server says it, and when the backend started."""
     try:
         cur = tuple_cursor(conn)
         await cur.execute(_SETUP_QUERY, prepare=False)
@@ -168,8 +196,8 @@ async def _identity(conn: DriverConnection) -> tuple[Identity | None, int | None
             "cannot read the server's identity (%s): a COMMIT in doubt will be CommitUnknown",
             exc,
         )
-        return None, None
+        return None, None, None
     if row is None:
-        return None, None
+        return None, None, None
     system_id, started, crash_mark = (None if v is None else str(v) for v in row[:3])
-    return (system_id, started, crash_mark), row[3]
+    return (system_id, started, crash_mark), row[3], row[4]

@@ -60,6 +60,14 @@ class Dialer:
         self.events.emit("connect_failed", error=exc)
         was_down = self.server.down
         kind = self.server.failed(exc)
+        if kind is Failure.WRONG_ROLE and self.server.wants_primary:
+            # No server in the conninfo takes writes (now): ask for any again, so reads
+            # keep working; the next write that reaches a standby asks again.
+            self.server.wants_primary = False
+            logger.warning(
+                "pool %r: no read-write server answered; new connections take any server",
+                self.name,
+            )
         if self.server.down and not was_down:
             self.events.emit("down", error=exc)
         return kind

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, waiting
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction, sql, waiting
 from psycopg.abc import RV, PQGen, PQGenConn
 from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg.rows import tuple_row
@@ -59,6 +59,7 @@ _REPORTED = (
     "standard_conforming_strings",
 )
 _REPORTED_BYTES = tuple(name.encode() for name in _REPORTED)
+_RESET_READ_ONLY = "SELECT reset_val FROM pg_settings WHERE name = 'default_transaction_read_only'"
 
 
 class DriverConnection(AsyncConnection[Any]):
@@ -74,6 +75,12 @@ class DriverConnection(AsyncConnection[Any]):
     _baseline: tuple[Any, ...] = ()
     _role: tuple[bytes | None, bytes | None] | None = None
     pooled = False
+    alternatives = False
+    """The conninfo offers other servers (several hosts, any role): a write refused by
+    a standby may be re-run on a primary among them."""
+    backend_start: str | None = None
+    """When the server started this connection's backend (epoch, as text): with the pid,
+    it names the backend for good (pids are reused)."""
     """A connection pooler (PgBouncer) is between us and the server: the backend pid
     psycopg knows is not the server's, and server-side prepared statements are off."""
 
@@ -146,16 +153,36 @@ class DriverConnection(AsyncConnection[Any]):
 
     _reported: tuple[bytes | None, ...] = ()
 
-    def keep_settings(self) -> None:
-        """Remember the connection's settings as configured, to restore them later."""
+    _configured: frozenset[int] = frozenset()
+
+    def keep_settings(self, before: tuple[bytes | None, ...] | None = None) -> None:
+        """Remember the connection's settings as configured, to restore them later;
+        *before*: the reported settings before ``configure`` ran (those it changed are
+        put back to its values, the others to the server's default)."""
         self._baseline = self._settings()
         self._reported = self._reported_now()
         self._role = self.role_now()
+        if before is None:
+            self._configured = frozenset(range(len(_REPORTED)))
+        else:
+            self._configured = frozenset(
+                i
+                for i, (then, now) in enumerate(zip(before, self._reported, strict=True))
+                if then != now
+            )
+
+    def reported_now(self) -> tuple[bytes | None, ...]:
+        """The session settings the server reports (see ``_REPORTED``)."""
+        return self._reported_now()
 
     def role_now(self) -> tuple[bytes | None, bytes | None]:
         """The server's role as reported: (in_hot_standby, default_transaction_read_only)."""
         status = self.pgconn.parameter_status
         return status(b"in_hot_standby"), status(b"default_transaction_read_only")
+
+    def role_baseline(self) -> tuple[bytes | None, bytes | None]:
+        """The server's role as reported when the connection was made."""
+        return self._role or (None, None)
 
     def role_drift(self) -> str | None:
         """How the server's reported role moved towards read-only since connect, or None
@@ -174,25 +201,37 @@ class DriverConnection(AsyncConnection[Any]):
             *(getattr(self, name) for name in _SETTINGS),
         )
 
+    async def _server_default_read_only(self) -> bool:
+        """Whether the server's own default (not a SET) makes sessions read-only."""
+        return await _read_only_default(self)
+
     async def restore_settings(self) -> None:
         """Undo what a borrower changed on the connection object (idle: no round trip),
         and the reported session settings it changed with SET (one round trip then).
         Raises `RoleChanged` if the server turned read-only: a SET must not undo that."""
         drift = self.role_drift()
-        if drift is not None:
-            raise RoleChanged(drift)
+        if drift is not None and (
+            self.role_now()[0] == b"on" or await self._server_default_read_only()
+        ):
+            raise RoleChanged(drift)  # not the borrower's SET: never undo it
         if self._reported and self._reported_now() != self._reported:
-            changed = [
-                (name, value)
-                for name, value, now in zip(
-                    _REPORTED, self._reported, self._reported_now(), strict=True
-                )
-                if value is not None and value != now
-            ]
+            # What configure() set goes back to its value; anything else to the server's
+            # default (RESET), which may have changed meanwhile (a reload): never to a
+            # value the server itself has since moved away from.
             cur = tuple_cursor(self)
-            for name, raw in changed:
-                value = raw.decode()
-                await cur.execute("SELECT set_config(%s, %s, false)", (name, value), prepare=False)
+            for i, (name, value, now) in enumerate(
+                zip(_REPORTED, self._reported, self._reported_now(), strict=True)
+            ):
+                if value == now:
+                    continue
+                if i in self._configured and value is not None:
+                    query = "SELECT set_config(%s, %s, false)"
+                    await cur.execute(query, (name, value.decode()), prepare=False)
+                else:
+                    reset = sql.SQL("RESET {}").format(sql.Identifier(name))
+                    await cur.execute(reset, prepare=False)
+            self._reported = self._reported_now()
+        self._role = self.role_now()  # (a drift towards read-only raised above)
         if not self._baseline or self._settings() == self._baseline:
             return
         row_factory, cursor_factory, prepare_threshold, isolation, read_only, deferrable = (
@@ -204,6 +243,13 @@ class DriverConnection(AsyncConnection[Any]):
         await self.set_isolation_level(isolation)
         await self.set_read_only(read_only)
         await self.set_deferrable(deferrable)
+
+
+async def _read_only_default(conn: AsyncConnection[Any]) -> bool:
+    cur = tuple_cursor(conn)
+    await cur.execute(_RESET_READ_ONLY, prepare=False)
+    row = await cur.fetchone()
+    return bool(row and row[0] == "on")
 
 
 def tuple_cursor(conn: AsyncConnection[Any]) -> AsyncCursor[tuple[Any, ...]]:

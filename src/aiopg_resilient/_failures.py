@@ -3,7 +3,8 @@
 Only a failure of the connection itself counts (guarantee 10): an exception of the
 caller's code, an error of the statement, or the caller's own deadline cancelling a query
 is the caller's. 25006 (read-only transaction) is the wrong server only when the server
-is in recovery (a demoted primary); by the user's choice it is the statement's error.
+is in recovery (a demoted primary, or a standby the conninfo offers alternatives to); by
+the user's choice (a read-only setting, a pool on a standby) it is the statement's error.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ async def failure_of(conn: DriverConnection, exc: BaseException) -> Failure | No
     # Read-only by the user's choice (default_transaction_read_only, SET TRANSACTION READ
     # ONLY) is the statement's error; on a server in recovery, the wrong server.
     if isinstance(exc, psycopg.Error) and exc.sqlstate == _READ_ONLY and await _in_recovery(conn):
+        # A connection made to a standby, with no other server in the conninfo: the user
+        # pointed the pool at a standby, and a write there is the statement's error.
+        made_to_standby = conn.role_baseline()[0] == b"on"
+        if made_to_standby and not conn.alternatives:
+            return None
         return Failure.WRONG_ROLE
     return Failure.CONNECTION if conn.closed and not conn.interrupted else None
 

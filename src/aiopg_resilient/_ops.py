@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -29,6 +29,7 @@ from ._errors import CommitUnknown, ConnectionLost
 from ._events import EventStream
 from ._failures import failure_of, is_conflict
 from ._indoubt import Resolver
+from ._look import Looker
 from ._retry import RetryPolicy
 from ._source import ConnectionSource, Slot
 from ._watch import SilentPeer, watched
@@ -75,6 +76,14 @@ class Statement(Generic[T]):
     user_rows: bool = True
     """Rows in the user's row_factory (fetch, fetchone), or plain tuples (fetchval)."""
 
+    def size(self) -> int:
+        """About how many bytes the request is (for the silent-path watch)."""
+        query = self.query
+        total = len(query) if isinstance(query, (str, bytes)) else 0
+        params = self.params
+        values = params.values() if isinstance(params, Mapping) else params or ()
+        return total + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
+
     def cursor(self, conn: DriverConnection) -> AsyncCursor[Any]:
         return conn.cursor() if self.user_rows else conn.cursor(row_factory=tuple_row)
 
@@ -103,6 +112,8 @@ class Operations:
         self.heartbeat_timeout = heartbeat_timeout
         self._rng = rng
         self._events = events
+        self.looker: Looker | None = None
+        """Set by the pool: looks at the backends of slow statements (`_watch`)."""
         self._resolver = Resolver(
             source._side_query,
             patience=heartbeat_timeout,
@@ -156,15 +167,18 @@ class Operations:
         return await self._run(Statement(query, params, _rowcount, user_rows=False), idempotent)
 
     async def _watched(
-        self, conn: DriverConnection, op: Callable[[DriverConnection], Awaitable[R]]
+        self,
+        conn: DriverConnection,
+        op: Callable[[DriverConnection], Awaitable[R]],
+        size: Callable[[], int],
     ) -> R:
         """*op* on *conn*, abandoned (`SilentPeer`) if the path goes silent (`_watch`)."""
-        return await watched(conn, op, self._source._fresh_query, self.heartbeat_timeout)
+        return await watched(conn, op, self.looker, self.heartbeat_timeout, size)
 
     async def _run(self, stmt: Statement[T], idempotent: bool) -> T:
-        return await (self._replay(stmt.run) if idempotent else self._write(stmt))
+        return await (self._replay(stmt.run, stmt.size) if idempotent else self._write(stmt))
 
-    async def _replay(self, op: Op[T]) -> T:
+    async def _replay(self, op: Op[T], size: Callable[[], int] = lambda: 0) -> T:
         """Run *op*, replaying it on a fresh connection after a failure of the connection
         until the retry budget is spent. Only for operations that are safe to replay."""
         attempts = Attempts(self.retry, self._rng)
@@ -172,7 +186,7 @@ class Operations:
             attempts.count += 1
             slot = await self._source._acquire(attempts.deadline)
             try:
-                result = await self._watched(slot.conn, op)
+                result = await self._watched(slot.conn, op, size)
             except Exception as exc:
                 if await failure_of(slot.conn, exc) is None:
                     await self._source._release(slot)
@@ -208,9 +222,11 @@ class Operations:
             text = cur.mogrify(stmt.query, stmt.params)
             batch = f"BEGIN;\n{text}\n;\n{WRITE_XID_QUERY}"
             try:
-                await self._watched(conn, lambda c: cur.execute(batch, prepare=False))
+                await self._watched(
+                    conn, lambda c: cur.execute(batch, prepare=False), lambda: len(batch)
+                )
             except Exception as exc:
-                if ";" in text.strip().rstrip(";") and (
+                if _several(stmt.query, conn) and (
                     isinstance(exc, SilentPeer) or (conn.closed and not conn.interrupted)
                 ):
                     # Several statements: one of them may have been a COMMIT that ran.
@@ -369,6 +385,18 @@ class Operations:
         if not lost and not keep:
             await self._source._release(slot)
         return committed
+
+
+def _several(query: Query, conn: DriverConnection) -> bool:
+    """Whether the query text (before its parameters are bound: a ';' in a value is
+    data) may hold several statements."""
+    if isinstance(query, bytes):
+        text = query.decode(errors="replace")
+    elif isinstance(query, str):
+        text = query
+    else:
+        text = query.as_string(conn)
+    return ";" in text.strip().rstrip(";")
 
 
 class _MayHaveRun(Exception):

@@ -29,6 +29,7 @@ from ._events import EventStream, OnEvent
 from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
 from ._listen import Listeners, Reconnected
+from ._look import Looker
 from ._ops import InDoubt, Query
 from ._retry import RetryPolicy
 from ._server_state import ServerState
@@ -38,7 +39,6 @@ from ._slots import (
     close_slot,
     discard,
     fail_waiters,
-    fresh_query,
     lost,
     put,
     release,
@@ -163,6 +163,7 @@ class ResilientPool:
             events=self._events,
         )
         self._ops._block_autocommit = self._block_autocommit
+        self._ops.looker = self._looker = Looker(self._connector.connect_to, heartbeat_timeout)
 
     @property
     def _target(self) -> str:
@@ -288,6 +289,7 @@ class ResilientPool:
         while self._idle:
             await self._close_slot(self._idle.pop())  # never suspends
         await self._listeners.close()
+        await self._looker.close()
         tasks = list(self._tasks) + self._events.pending()
         for task in tasks:
             task.cancel()
@@ -368,9 +370,6 @@ class ResilientPool:
 
     async def _side_query(self, query: str, params: dict[str, Any]) -> Any:
         return await side_query(self, query, params)
-
-    async def _fresh_query(self, query: str, params: dict[str, Any]) -> Any:
-        return await fresh_query(self, query, params)
 
     # -- heartbeat -------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import psycopg
 
 from ._conninfo import validate
 
-__all__ = ["RoleChanged", "drifted", "prefer_primary", "wrong_server"]
+__all__ = ["RoleChanged", "drifted", "offers_alternatives", "prefer_primary", "wrong_server"]
 
 _ON = b"on"
 _READ_ONLY = "25006"
@@ -50,11 +50,16 @@ def wrong_server(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and exc.sqlstate == _READ_ONLY
 
 
-def prefer_primary(conninfo: str) -> str:
-    """*conninfo* asking for a read-write session, if it names several hosts and says
-    nothing of the session's role; else unchanged."""
+def offers_alternatives(conninfo: str) -> bool:
+    """Whether *conninfo* names several hosts and leaves the session's role open."""
     params = validate(conninfo)
     hosts = params.get("host") or params.get("hostaddr") or ""
-    if "target_session_attrs" in params or "," not in hosts:
+    return "," in hosts and params.get("target_session_attrs", "any") == "any"
+
+
+def prefer_primary(conninfo: str) -> str:
+    """*conninfo* asking for a read-write session, if it names several hosts and leaves
+    the session's role open; else unchanged."""
+    if not offers_alternatives(conninfo):
         return conninfo
     return psycopg.conninfo.make_conninfo(conninfo, target_session_attrs="read-write")

@@ -33,7 +33,6 @@ __all__ = [
     "close_slot",
     "discard",
     "fail_waiters",
-    "fresh_query",
     "lost",
     "new_slot",
     "put",
@@ -228,7 +227,12 @@ async def side_query(pool: ResilientPool, query: str, params: dict[str, Any]) ->
                     row = await _first_row(slot.conn, query, params)
                 await release(pool, slot)
                 return row
-            return await fresh_query(pool, query, params)
+            conn = await pool._connect()
+            try:
+                with anyio.fail_after(pool.heartbeat_timeout):
+                    return await _first_row(conn, query, params)
+            finally:
+                await conn.close()
         except TimeoutError as exc:
             if slot is not None:
                 await lost(pool, slot, exc)
@@ -271,8 +275,8 @@ async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> No
     """A connection was found dead: drop it, check the others, replace it."""
     pool._events.emit("lost", error=exc or _FoundClosed())
     pool._server.suspect = True
-    wrong = exc is not None and wrong_server(exc)
-    if wrong and not pool._server.wants_primary:
+    wrong = exc is not None and wrong_server(exc) and not pool._server.wants_primary
+    if wrong:
         # A write needs a primary: drain the standby, and ask libpq for one from now on.
         pool._server.wants_primary = True
         logger.warning(
@@ -316,19 +320,6 @@ def _close_later(conn: DriverConnection) -> None:
     task = asyncio.ensure_future(conn.close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
-
-
-async def fresh_query(pool: ResilientPool, query: str, params: dict[str, Any]) -> Any:
-    """The first row of a query of the layer's own on a new connection of its own, made
-    and used within ``heartbeat_timeout`` each: no pooled connection (which may be on
-    the same silent path as the one being looked at) and no queue."""
-    with anyio.fail_after(pool.heartbeat_timeout):
-        conn = await pool._connect()
-    try:
-        with anyio.fail_after(pool.heartbeat_timeout):
-            return await _first_row(conn, query, params)
-    finally:
-        await conn.close()
 
 
 async def _first_row(conn: DriverConnection, query: str, params: dict[str, Any]) -> Any:

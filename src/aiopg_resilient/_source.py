@@ -3,8 +3,7 @@
 `Operations` (reads, writes, blocks) knows nothing of the pool but this: acquire a
 connection within a deadline, give it back (clean), drop it (state unknown), report it
 lost (dead: the source then checks the others), and run one query of the layer's own on
-another connection (the in-doubt resolution's probes), or on a new one (the look at a
-backend whose connection went silent).
+another connection (the in-doubt resolution's probes).
 """
 
 from __future__ import annotations
@@ -40,5 +39,3 @@ class ConnectionSource(Protocol):
     async def _lost(self, slot: Slot, exc: BaseException | None) -> None: ...
 
     async def _side_query(self, query: str, params: dict[str, Any]) -> Any: ...
-
-    async def _fresh_query(self, query: str, params: dict[str, Any]) -> Any: ...

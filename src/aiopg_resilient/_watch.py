@@ -4,21 +4,24 @@ A proxy, a load balancer or a broken path can hold a connection's bytes while bo
 sockets stay open: the query was answered (or never arrived) and nobody tells the
 client. TCP notices after ``tcp_user_timeout`` at best. The layer does not wait that
 long, and does not cut a slow query either: each ``patience`` (``heartbeat_timeout``)
-without an answer, it looks at the backend from another connection:
+without an answer, it looks at the backend (`_look`) and at the client's socket:
 
-- the backend is running the query (``active``, not blocked writing to us): a slow
-  query; keep waiting, look again later;
-- the backend is gone, idle (it answered; the answer never came), or blocked sending
-  the answer (``ClientWrite``): the path is silent. An open transaction on it (a write
-  whose COMMIT was never sent) is terminated first, and the layer waits for the backend
-  to exit, so a re-run never waits on the locks of its own ghost. Then the statement
-  is abandoned (the connection closed) and, being safe to re-run, re-run;
-- the look itself fails (the server is unreachable): keep waiting.
+- data went either way on the socket within ``patience`` (a big result read slowly, a
+  big parameter uploaded slowly): the answer is on its way; wait;
+- the backend is running the query (``active``, not waiting on the client), or the look
+  cannot tell (another server answers there, ``track_activities`` is off): wait;
+- the backend is gone, or done (``idle``, ``idle in transaction``), or waiting on the
+  client (``ClientRead``/``ClientWrite``) while nothing moves on the socket: the path is
+  silent. A backend that is not idle (a transaction open: a write whose COMMIT was never
+  sent, holding its locks) is terminated first, and the layer waits until it is gone, so
+  a re-run never waits on its own ghost. Then the statement is abandoned (its connection
+  closed) and, being safe to re-run, re-run.
 
-Costs: a timer per statement, and one query on another connection per ``patience``
-only for statements that are that slow. Not behind a pooler (PgBouncer), where the
-backend cannot be told from the client's side: there, the caller's deadline and TCP
-settings bound a silent path.
+Where the socket cannot be read (not Linux, a Unix socket), "done" or "gone" is taken
+as silent and "waiting on the client" as working. Costs: a timer per statement, and for
+statements slower than ``patience`` one query per server per half ``patience`` on one
+connection of the looker's own. Not behind a pooler (PgBouncer), where the backend cannot
+be identified from the client: there, the caller's deadline and TCP settings bound it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,25 +39,18 @@ import anyio
 import psycopg
 
 from ._driver import DriverConnection
+from ._look import CANNOT, Looker, Watched
 
-__all__ = ["SilentPeer", "watched"]
+__all__ = ["SilentPeer", "quiet_for", "silent", "watched"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
-SideQuery = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
-_LOOK = (
-    "SELECT state, wait_event, backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = %(pid)s"
-)
-# Only a backend that is not working for anyone (its client is gone or silent).
-_TERMINATE = (
-    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-    "WHERE pid = %(pid)s AND (state <> 'active' OR wait_event = 'ClientWrite')"
-)
-
-
-# struct tcp_info: tcpi_last_data_recv (ms since data last arrived) is at this offset.
+# A request this big may take a while to cross a path that buffers it (see `silent`).
+_BIG = 256 * 1024
+# struct tcp_info: ms since data was last sent and received, at these offsets.
+_LAST_DATA_SENT = 44
 _LAST_DATA_RECV = 52
 
 
@@ -61,27 +58,42 @@ class SilentPeer(Exception):
     """The connection went silent with a statement in flight (see the module doc)."""
 
 
-def silent(row: Any, quiet: float | None, patience: float) -> bool:
-    """From a row of the look (None if the backend is gone), and how long nothing has
-    arrived on the client's socket (*quiet*, None if unknown): is the path silent?
+def silent(
+    row: Any,
+    quiet: float | None,
+    patience: float,
+    *,
+    running: float = 0.0,
+    big: bool = False,
+) -> bool:
+    """From the look (``(state, wait_event, seconds in that state)``, None if the
+    backend is gone, or `CANNOT`), how long nothing moved on the client's socket (*quiet*,
+    None if unknown), how long the statement has been out (*running*) and whether its
+    request is big: is the path silent?
 
-    A backend that is gone, or done (idle), while nothing arrives: silent. A backend
-    blocked sending (``ClientWrite``) may be feeding a big result to a client that reads
-    it slowly: silent only if nothing has arrived for *patience* either; when that cannot
-    be known (not Linux, a Unix socket), it is taken as working.
-    """
+    A big request (a large parameter) may still be on its way through a middlebox that
+    buffers it, so a backend that has not got all of it yet (idle since before the
+    statement was sent, or reading) is not proof of silence."""
+    if row is CANNOT:
+        return False
+    if quiet is not None and quiet < patience:
+        return False  # data is moving: the answer (or the question) is on its way
     if row is None:
         return True
-    state, wait_event, _ = row
-    if quiet is not None and quiet < patience:
-        return False  # data is arriving: the answer is on its way
-    if state != "active":
-        return True
-    return wait_event == "ClientWrite" and quiet is not None
+    state, wait_event, age = row
+    if state == "idle" or (isinstance(state, str) and state.startswith("idle in transaction")):
+        arrived = age is None or float(age) < running
+        return arrived or not big
+    if state == "active" and wait_event == "ClientRead":
+        return quiet is not None and not big
+    if state == "active" and wait_event == "ClientWrite":
+        return quiet is not None  # both sides wait on the other, nothing moves
+    return False  # working on it, or the server will not say (disabled, hidden)
 
 
 def quiet_for(fd: int) -> float | None:
-    """Seconds since data last arrived on TCP socket *fd* (Linux ``TCP_INFO``), or None."""
+    """Seconds since data last moved either way on TCP socket *fd* (Linux ``TCP_INFO``),
+    or None if that cannot be known."""
     option = getattr(socket, "TCP_INFO", None)
     if option is None or fd < 0:
         return None
@@ -94,77 +106,79 @@ def quiet_for(fd: int) -> float | None:
         return None
     if len(info) < _LAST_DATA_RECV + 4:
         return None
-    return float(struct.unpack_from("I", info, _LAST_DATA_RECV)[0]) / 1000.0
+    sent = struct.unpack_from("I", info, _LAST_DATA_SENT)[0]
+    received = struct.unpack_from("I", info, _LAST_DATA_RECV)[0]
+    return float(min(sent, received)) / 1000.0
 
 
 async def watched(
     conn: DriverConnection,
     op: Callable[[DriverConnection], Awaitable[T]],
-    side_query: SideQuery,
+    looker: Looker | None,
     patience: float,
+    size: Callable[[], int] = lambda: 0,
 ) -> T:
-    """``await op(conn)``, abandoned with `SilentPeer` if the path goes silent."""
-    if conn.pooled:
+    """``await op(conn)``, abandoned with `SilentPeer` if the path goes silent. *size*
+    tells (when asked) about how many bytes the request is."""
+    if looker is None or conn.pooled or conn.identity is None or conn.backend_start is None:
         return await op(conn)
-    loop = asyncio.get_running_loop()
-    pid = conn.info.backend_pid
     try:
+        info = conn.info
+        target = (info.host, info.hostaddr, str(info.port))
         fd = conn.pgconn.socket
     except psycopg.OperationalError:
-        fd = -1  # (the statement will find out)
+        return await op(conn)  # (the statement will find out)
+    me = Watched(target, conn.identity[:2], info.backend_pid, conn.backend_start)
     verdict: list[str] = []
-    watcher: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[None]] = []
     with anyio.CancelScope() as scope:
 
         def start() -> None:
-            watcher.append(
-                asyncio.ensure_future(_watch(pid, fd, side_query, patience, scope, verdict))
-            )
+            task = _watch(me, fd, looker, patience, scope, verdict, started, size)
+            tasks.append(asyncio.ensure_future(task))
 
-        timer = loop.call_later(patience, start)
+        started = time.monotonic()
+        timer = asyncio.get_running_loop().call_later(patience, start)
         try:
             return await op(conn)
         finally:
             timer.cancel()
-            for task in watcher:
+            for task in tasks:
                 task.cancel()
+            if tasks:
+                with anyio.CancelScope(shield=True):  # even when cancelled: no leak
+                    await looker.unwatch(me)
     raise SilentPeer(verdict[0] if verdict else "no answer and the backend is not working")
 
 
 async def _watch(
-    pid: int,
+    me: Watched,
     fd: int,
-    side_query: SideQuery,
+    looker: Looker,
     patience: float,
     scope: anyio.CancelScope,
     verdict: list[str],
+    started: float,
+    size: Callable[[], int],
 ) -> None:
+    looker.watch(me)
+    big = size() > _BIG
     while True:
-        try:
-            with anyio.fail_after(2 * patience):
-                row = await side_query(_LOOK, {"pid": pid})
-                # (The statement still waits: had it ended, this task would be cancelled
-                # at the await above, so *fd* is still the statement's socket.)
-                quiet = quiet_for(fd)
-                if silent(row, quiet, patience) and row is not None and row[0] != "idle":
-                    # A transaction may be open on it (a write whose COMMIT was never
-                    # sent): it must end before the statement is re-run.
-                    await side_query(_TERMINATE, {"pid": pid})
-                    while (gone := await side_query(_LOOK, {"pid": pid})) is not None:
-                        if not silent(gone, None, patience):
-                            raise RuntimeError(f"backend {pid} is working again")
-                        await anyio.sleep(0.02)
-                    row = None
-        except Exception as exc:  # cannot look (or end it): keep waiting for the answer
-            logger.debug("cannot look at backend %s (%s); still waiting", pid, exc)
-        else:
-            if silent(row, quiet, patience):
-                state = "gone" if row is None else f"{row[0]}, {row[1]}"
-                verdict.append(
-                    f"no answer for {patience:.3g}s and backend {pid} is not working on the "
-                    f"statement ({state}): the path to the server is silent"
-                )
-                logger.warning("connection silent: %s", verdict[0])
-                scope.cancel()
-                return
-        await anyio.sleep(patience)
+        row = await looker.look(me)
+        # (The statement still waits: had it ended, this task would have been cancelled
+        # at the await above, so *fd* is still the statement's socket.)
+        quiet, running = quiet_for(fd), time.monotonic() - started
+        ended = row is None or (row is not CANNOT and row[0] == "idle")
+        if silent(row, quiet, patience, running=running, big=big) and (
+            ended or await looker.terminate(me)
+        ):
+            state = "gone" if row is None else f"{row[0]}, {row[1]}"
+            verdict.append(
+                f"no answer for {patience:.3g}s, nothing moving on the socket, and "
+                f"backend {me.pid} is not working on the statement ({state}): the "
+                "path to the server is silent"
+            )
+            logger.warning("connection silent: %s", verdict[0])
+            scope.cancel()
+            return
+        await anyio.sleep(patience / 2)
