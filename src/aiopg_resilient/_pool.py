@@ -170,6 +170,11 @@ class ResilientPool:
         return self._connector.target
 
     @property
+    def closed(self) -> bool:
+        """True until `open`, and after `close` (as psycopg_pool's ``closed``)."""
+        return self._closed or not self._opened
+
+    @property
     def configure(self) -> Configure | None:
         """Run on every new connection (a `ConfigureError` when it fails)."""
         return self._connector.configure
