@@ -399,13 +399,6 @@ class ResilientPool:
         await maintain(weakref.ref(self))
 
 
-for _name in (
-    "fetch",
-    "fetchone",
-    "fetchval",
-    "execute",
-    "connection",
-    "transaction",
-    "run_transaction",
-):
+_OPERATIONS = "fetch fetchone fetchval execute connection transaction run_transaction"
+for _name in _OPERATIONS.split():
     getattr(ResilientPool, _name).__doc__ = getattr(Blocks, _name).__doc__
