@@ -6,6 +6,7 @@ each error of the layer, and the readiness of a pool.
 | `DatabaseUnavailable` | 503, ``Retry-After`` | the database stayed unreachable for the budget |
 | `PoolTimeout` | 503, ``Retry-After`` | every connection stayed busy: try again soon |
 | `ConnectionLost` | 503, ``Retry-After`` | lost inside something the layer cannot replay |
+| `PoolClosed` | 503, ``Retry-After`` | the service is shutting down: another replica can answer |
 | `CommitUnknown` | 500 | the write may or may not have been applied: say so, with its id |
 
 Bodies are JSON, never a traceback: ``{"error": ..., "detail": ..., "retry": ...}``.
@@ -17,7 +18,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import CommitUnknown, ConnectionLost, DatabaseUnavailable, PoolTimeout
+from .._errors import (
+    CommitUnknown,
+    ConnectionLost,
+    DatabaseUnavailable,
+    PoolClosed,
+    PoolTimeout,
+)
 from .._pool import ResilientPool
 
 __all__ = ["ERRORS", "HttpError", "http_error", "readiness"]
@@ -42,9 +49,18 @@ ERRORS: tuple[type[Exception], ...] = (
     DatabaseUnavailable,
     PoolTimeout,
     ConnectionLost,
+    PoolClosed,
 )
 """The errors the integrations answer (CommitUnknown first: it subclasses none of the
 others, but is checked before them all the same)."""
+
+
+_UNAVAILABLE: tuple[tuple[type[Exception], str], ...] = (
+    (DatabaseUnavailable, "database_unavailable"),
+    (PoolTimeout, "database_busy"),
+    (ConnectionLost, "connection_lost"),
+    (PoolClosed, "shutting_down"),
+)
 
 
 def http_error(exc: BaseException) -> HttpError | None:
@@ -62,12 +78,8 @@ def http_error(exc: BaseException) -> HttpError | None:
             },
             {},
         )
-    if isinstance(exc, (DatabaseUnavailable, PoolTimeout, ConnectionLost)):
-        kind = {
-            DatabaseUnavailable: "database_unavailable",
-            PoolTimeout: "database_busy",
-            ConnectionLost: "connection_lost",
-        }[next(t for t in (DatabaseUnavailable, PoolTimeout, ConnectionLost) if isinstance(exc, t))]
+    kind = next((k for t, k in _UNAVAILABLE if isinstance(exc, t)), None)
+    if kind is not None:
         logger.warning("responding 503 (%s): %s", kind, exc)
         return HttpError(
             503,
@@ -84,7 +96,12 @@ def http_error(exc: BaseException) -> HttpError | None:
 def readiness(pool: ResilientPool) -> HttpError:
     """A Kubernetes readiness answer from the pool's state, without a query: 200 when the
     pool is open, has a live connection or can make one, and the server is not known to
-    be down; else 503. (Liveness must not depend on the database: answer 200.)"""
+    be down; else 503. (Liveness must not depend on the database: answer 200.)
+
+    Every replica turns unready together while the database restarts, although reads
+    would wait for it within ``retry.timeout``: give the readiness probe a
+    ``failureThreshold`` that covers a restart, or point it at liveness if you prefer
+    requests to wait in the pool rather than at the load balancer."""
     stats = pool.stats
     opened = not pool.closed
     ready = opened and not stats.down and (stats.size > 0 or stats.min_size == 0)
