@@ -96,3 +96,13 @@ async def test_wrong_password_while_running_fails_waiters(
         assert pool.stats.connect_failures == 1
     finally:
         await pool.close()
+
+
+def test_a_malformed_dsn_error_shows_no_part_of_a_password() -> None:
+    """An unquoted password with a space: libpq quotes the stray token in its message;
+    the error says what is wrong without it."""
+    with pytest.raises(psycopg.ProgrammingError, match="invalid connection string") as caught:
+        ResilientPool("host=db password=hunter2 sekrit99 dbname=app")
+    assert "sekrit99" not in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert 'missing "="' in str(caught.value)

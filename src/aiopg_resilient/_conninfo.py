@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,13 +32,18 @@ CONNECTION_DEFAULTS: Mapping[str, str] = {
 _ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT", "application_name": "PGAPPNAME"}
 
 
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
 def validate(conninfo: str) -> dict[str, str]:
     """Parse *conninfo* or raise `psycopg.ProgrammingError` saying what to fix."""
     try:
         return {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
     except psycopg.ProgrammingError as exc:
+        # libpq quotes the offending token, which may be (part of) a password.
+        reason = _QUOTED.sub(lambda m: m[0] if m[1] == "=" else '"..."', str(exc))
         raise psycopg.ProgrammingError(
-            f"invalid connection string ({exc}); use libpq 'key=value' pairs, e.g. "
+            f"invalid connection string ({reason}); use libpq 'key=value' pairs, e.g. "
             "'host=db.example dbname=app user=app', or a URL such as "
             "'postgresql://app@db.example/app'"
         ) from None

@@ -196,6 +196,11 @@ async def connection(request: HTTPConnection) -> AsyncIterator[AsyncConnection[A
     in-doubt COMMIT is answered (`CommitUnknown`: 500) instead of a 200. The connection
     goes back to the pool then, or is closed if its state is unknown, also when the
     request is cancelled (a timeout middleware, a server cancelling a client gone).
+
+    Only for regular endpoints: a streaming body (a generator endpoint, a
+    ``StreamingResponse``) and ``BackgroundTasks`` run after the connection went back to
+    the pool, where another request may hold it. Use ``async with pool.transaction()``
+    (``pool: Pool``) inside those.
     """
     _check_scoped()
     async with _pool_of(request).connection() as conn:
@@ -210,7 +215,8 @@ async def transaction(request: HTTPConnection) -> AsyncIterator[AsyncConnection[
     raises. A connection lost before COMMIT is `ConnectionLost` (503: nothing applied); a
     lost COMMIT is resolved, or `CommitUnknown` (500 with the transaction id). Released on
     cancellation as `connection` is. To have the layer re-run the work after a loss, use
-    ``await pool.run_transaction(fn, ...)`` in the endpoint instead.
+    ``await pool.run_transaction(fn, ...)`` in the endpoint instead. Not for streaming
+    bodies or background tasks (see `connection`).
     """
     _check_scoped()
     async with _pool_of(request).transaction() as conn:
