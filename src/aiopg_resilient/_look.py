@@ -142,7 +142,11 @@ class Looker:
     async def _refresh(self, server: _Server) -> None:
         if server.conn is None or server.conn.closed:
             target = next(iter(server.watched)).target
-            server.conn = await self._connect(target)
+            conn = await self._connect(target)
+            if self._servers.get(target) is not server:  # nobody watches there any more
+                await conn.close()
+                raise RuntimeError("no statement is watched there any more")
+            server.conn = conn
         pids = [w.pid for w in server.watched]
         starts = [w.start for w in server.watched]
         cur = tuple_cursor(server.conn)

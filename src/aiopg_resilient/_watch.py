@@ -143,12 +143,13 @@ async def watched(
             return await op(conn)
         finally:
             timer.cancel()
+            verdict.append("")  # tells the watcher to stop, should a cancel be swallowed
             for task in tasks:
                 task.cancel()
             if tasks:
                 with anyio.CancelScope(shield=True):  # even when cancelled: no leak
                     await looker.unwatch(me)
-    raise SilentPeer(verdict[0] if verdict else "no answer and the backend is not working")
+    raise SilentPeer(verdict[0] or "no answer, and the backend is not working on it")
 
 
 async def _watch(
@@ -163,11 +164,13 @@ async def _watch(
 ) -> None:
     looker.watch(me)
     big = size() > _BIG
-    while True:
+    while not verdict:  # (the statement's end appends to it, and cancels this task)
         row = await looker.look(me)
         # (The statement still waits: had it ended, this task would have been cancelled
         # at the await above, so *fd* is still the statement's socket.)
         quiet, running = quiet_for(fd), time.monotonic() - started
+        if verdict:
+            return
         ended = row is None or (row is not CANNOT and row[0] == "idle")
         if silent(row, quiet, patience, running=running, big=big) and (
             ended or await looker.terminate(me)
