@@ -209,11 +209,12 @@ class DriverConnection(AsyncConnection[Any]):
         """Undo what a borrower changed on the connection object (idle: no round trip),
         and the reported session settings it changed with SET (one round trip then).
         Raises `RoleChanged` if the server turned read-only: a SET must not undo that."""
-        drift = self.role_drift()
-        if drift is not None and (
-            self.role_now()[0] == b"on" or await self._server_default_read_only()
-        ):
-            raise RoleChanged(drift)  # not the borrower's SET: never undo it
+        role = self.role_now()
+        if role != self._role and self._role:
+            drift = drifted(self._role, role)
+            if drift is not None and (role[0] == b"on" or await self._server_default_read_only()):
+                raise RoleChanged(drift)  # not the borrower's SET: never undo it
+            self._role = role
         if self._reported and self._reported_now() != self._reported:
             # What configure() set goes back to its value; anything else to the server's
             # default (RESET), which may have changed meanwhile (a reload): never to a
@@ -231,7 +232,7 @@ class DriverConnection(AsyncConnection[Any]):
                     reset = sql.SQL("RESET {}").format(sql.Identifier(name))
                     await cur.execute(reset, prepare=False)
             self._reported = self._reported_now()
-        self._role = self.role_now()  # (a drift towards read-only raised above)
+            self._role = self.role_now()
         if not self._baseline or self._settings() == self._baseline:
             return
         row_factory, cursor_factory, prepare_threshold, isolation, read_only, deferrable = (

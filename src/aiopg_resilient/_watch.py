@@ -122,18 +122,23 @@ async def watched(
     tells (when asked) about how many bytes the request is."""
     if looker is None or conn.pooled or conn.identity is None or conn.backend_start is None:
         return await op(conn)
-    try:
-        info = conn.info
-        target = (info.host, info.hostaddr, str(info.port))
-        fd = conn.pgconn.socket
-    except psycopg.OperationalError:
-        return await op(conn)  # (the statement will find out)
-    me = Watched(target, conn.identity[:2], info.backend_pid, conn.backend_start)
+    identity, start_text = conn.identity[:2], conn.backend_start
     verdict: list[str] = []
     tasks: list[asyncio.Task[None]] = []
+    watching: list[Watched] = []
     with anyio.CancelScope() as scope:
 
         def start() -> None:
+            # Only for a statement slower than patience: what the look needs is read now,
+            # while the statement is still out on this very socket.
+            try:
+                info = conn.info
+                target = (info.host, info.hostaddr, str(info.port))
+                me = Watched(target, identity, info.backend_pid, start_text)
+                fd = conn.pgconn.socket
+            except psycopg.OperationalError:
+                return  # (the statement will find out)
+            watching.append(me)
             task = _watch(me, fd, looker, patience, scope, verdict, started, size)
             tasks.append(asyncio.ensure_future(task))
 
@@ -146,7 +151,7 @@ async def watched(
             verdict.append("")  # tells the watcher to stop, should a cancel be swallowed
             for task in tasks:
                 task.cancel()
-            if tasks:
+            for me in watching:
                 with anyio.CancelScope(shield=True):  # even when cancelled: no leak
                     await looker.unwatch(me)
     raise SilentPeer(verdict[0] or "no answer, and the backend is not working on it")
