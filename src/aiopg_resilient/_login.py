@@ -140,27 +140,29 @@ def start(conninfo: str, timeout: float = 0.0) -> PQGenConn[pq.abc.PGconn]:
     raised during the handshake (see the module doc)."""
     deadline = time.monotonic() + timeout if timeout else 0.0
     conn = pq.PGconn.connect_start(conninfo.encode())
-    _verbosity(conn, _VERBOSE)
-    while True:
-        if conn.status == ConnStatus.BAD:
+    try:
+        _verbosity(conn, _VERBOSE)
+        while True:
+            if conn.status == ConnStatus.BAD:
+                raise psycopg.OperationalError(f"connection is bad: {conn.get_error_message()}")
+            status = conn.connect_poll()
+            if status == PollingStatus.OK:
+                break
+            if status in (PollingStatus.READING, PollingStatus.WRITING):
+                wait = Wait.R if status == PollingStatus.READING else Wait.W
+                while not (yield conn.socket, wait):
+                    if deadline and time.monotonic() > deadline:
+                        raise errors.ConnectionTimeout("connection timeout expired")
+                continue
             message = conn.get_error_message()
-            conn.finish()
-            raise psycopg.OperationalError(f"connection is bad: {message}")
-        status = conn.connect_poll()
-        if status == PollingStatus.OK:
-            break
-        if status in (PollingStatus.READING, PollingStatus.WRITING):
-            wait = Wait.R if status == PollingStatus.READING else Wait.W
-            while not (yield conn.socket, wait):
-                if deadline and time.monotonic() > deadline:
-                    conn.finish()
-                    raise errors.ConnectionTimeout("connection timeout expired")
-            continue
-        message = conn.get_error_message()
+            if status == PollingStatus.FAILED:
+                raise login_error(f"connection failed: {message}")
+            raise psycopg.InternalError(f"unexpected poll status: {status}")
+    except BaseException:
+        # Whatever ends the attempt (an error, the caller's cancel, the generator being
+        # closed) closes the socket now, not when the garbage collector gets to it.
         conn.finish()
-        if status == PollingStatus.FAILED:
-            raise login_error(f"connection failed: {message}")
-        raise psycopg.InternalError(f"unexpected poll status: {status}")
+        raise
     _verbosity(conn, _DEFAULT)
     conn.nonblocking = 1
     return conn
