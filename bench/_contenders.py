@@ -1,35 +1,31 @@
-"""The throughput contenders of bench_reads.py (a-e): how each one is opened with n
-connections, the ``SELECT 1`` operation it is timed on and the probe of its TLS session."""
+"""The contenders (a-g): their keys, names and openers, and aiopg_resilient's opener (a).
+An opener opens a contender with n connections on a `Target` and yields a `Subject`: a read
+(``SELECT 1``, answer returned), a borrow-and-return, a TLS probe and its writes of one
+row. Every part (throughput, acquire, writes, faults) uses these. The others' openers:
+`_psycopg` (b, c, d, f), `_asyncpg` (e), `_sqlalchemy` (g)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
-import psycopg
-import psycopg_pool
-from _common import FINISH_TIMEOUT, QUERY, SETUP_TIMEOUT
+from _asyncpg import open_asyncpg
+from _common import INSERT, QUERY, SETUP_TIMEOUT, TLS_QUERY, Subject, Target
+from _psycopg import (
+    open_psycopg_pool,
+    open_psycopg_pool_autocommit,
+    open_psycopg_pool_check,
+    open_raw,
+)
+from _sqlalchemy import open_sqlalchemy
 
 from aiopg_resilient import ResilientPool
-from aiopg_resilient.testing import PostgresServer
 
-TLS_QUERY = "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-
-Op = Callable[[int], Awaitable[Any]]  # op(task_index)
-
-
-@dataclass
-class Subject:
-    """An opened contender: the operation to time and a probe of its TLS session."""
-
-    op: Op
-    tls: Callable[[], Awaitable[Any]]
+Opener = Callable[[Target, int], contextlib.AbstractAsyncContextManager[Subject]]
 
 
 @dataclass(frozen=True)
@@ -37,7 +33,7 @@ class Contender:
     key: str
     name: str
     describe: str
-    open: Callable[[PostgresServer, int], contextlib.AbstractAsyncContextManager[Subject]]
+    open: Opener
 
 
 async def _bounded(what: str, cond: Callable[[], bool], timeout: float = SETUP_TIMEOUT) -> None:
@@ -49,125 +45,48 @@ async def _bounded(what: str, cond: Callable[[], bool], timeout: float = SETUP_T
 
 
 @contextlib.asynccontextmanager
-async def open_resilient(pg: PostgresServer, size: int) -> AsyncIterator[Subject]:
-    async with ResilientPool(pg.dsn, min_size=size, max_size=size, name="bench") as pool:
+async def open_resilient(target: Target, size: int) -> AsyncIterator[Subject]:
+    async with ResilientPool(target.dsn, min_size=size, max_size=size, name="bench") as pool:
         await _bounded(f"ResilientPool size {size}", lambda: pool.stats.size == size)
 
         async def op(_: int) -> Any:
             return await pool.fetchval(QUERY)
 
-        yield Subject(op=op, tls=lambda: pool.fetchone(TLS_QUERY))
+        async def borrow() -> None:
+            async with pool.connection():
+                pass
 
+        async def insert(_: int, key: str) -> None:
+            await pool.execute(INSERT, (key,))  # write-safe: never doubled, never lost
 
-@contextlib.asynccontextmanager
-async def open_psycopg_pool(
-    pg: PostgresServer, size: int, kwargs: dict[str, Any] | None = None
-) -> AsyncIterator[Subject]:
-    pool = psycopg_pool.AsyncConnectionPool(
-        pg.dsn, min_size=size, max_size=size, kwargs=kwargs, open=False
-    )
-    await pool.open(wait=True, timeout=SETUP_TIMEOUT)
-    try:
+        async def idempotent(_: int, key: str) -> None:
+            await pool.execute(INSERT, (key,), idempotent=True)
 
-        async def op(_: int) -> None:
-            async with pool.connection() as conn:
-                await conn.execute(QUERY)
+        async def transaction(_: int, key: str) -> None:
+            async with pool.transaction() as conn:
+                await conn.execute(INSERT, (key,))
 
-        async def tls() -> Any:
-            async with pool.connection() as conn:
-                cur = await conn.execute(TLS_QUERY)
-                return await cur.fetchone()
-
-        yield Subject(op=op, tls=tls)
-    finally:
-        await pool.close()
-
-
-def open_psycopg_pool_autocommit(
-    pg: PostgresServer, size: int
-) -> contextlib.AbstractAsyncContextManager[Subject]:
-    return open_psycopg_pool(pg, size, kwargs={"autocommit": True})
-
-
-@contextlib.asynccontextmanager
-async def open_raw(pg: PostgresServer, size: int) -> AsyncIterator[Subject]:
-    conns: list[psycopg.AsyncConnection[Any]] = []
-    try:
-        for _ in range(size):
-            conns.append(await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True))
-        if size == 1:
-            # One task, one connection: nothing to serialise.
-            conn = conns[0]
-
-            async def op(i: int) -> None:
-                await conn.execute(QUERY)
-
-        else:
-            # Task i always uses connection i % size, behind that connection's lock
-            # (with 32 tasks and 8 connections: 4 tasks share each connection).
-            locks = [asyncio.Lock() for _ in conns]
-
-            async def op(i: int) -> None:
-                k = i % size
-                async with locks[k]:
-                    await conns[k].execute(QUERY)
-
-        async def tls() -> Any:
-            cur = await conns[0].execute(TLS_QUERY)
-            return await cur.fetchone()
-
-        yield Subject(op=op, tls=tls)
-    finally:
-        for conn in conns:
-            await conn.close()
-
-
-def _asyncpg_ssl(pg: PostgresServer) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pg.ca_path))
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-@contextlib.asynccontextmanager
-async def open_asyncpg(pg: PostgresServer, size: int) -> AsyncIterator[Subject]:
-    pool = await asyncpg.create_pool(
-        host=pg.host,
-        port=pg.port,
-        user=pg.user,
-        password=pg.password,
-        database=pg.dbname,
-        ssl=_asyncpg_ssl(pg),
-        min_size=size,
-        max_size=size,
-        timeout=SETUP_TIMEOUT,
-    )
-    try:
-
-        async def op(_: int) -> Any:
-            return await pool.fetchval(QUERY)
-
-        async def tls() -> Any:
-            row = await pool.fetchrow(TLS_QUERY)
-            return None if row is None else tuple(row)
-
-        yield Subject(op=op, tls=tls)
-    finally:
-        await asyncio.wait_for(pool.close(), FINISH_TIMEOUT)
+        yield Subject(
+            op=op,
+            tls=lambda: pool.fetchone(TLS_QUERY),
+            borrow=borrow,
+            writes={"insert": insert, "transaction": transaction, "idempotent": idempotent},
+        )
 
 
 CONTENDERS: tuple[Contender, ...] = (
     Contender(
         "a",
         "aiopg_resilient",
-        'ResilientPool(min=max=n), defaults (heartbeat on): await pool.fetchval("SELECT 1")',
+        "ResilientPool(min=max=n), defaults (heartbeat on): await pool.fetchval(...); "
+        "writes: write-safe pool.execute(), pool.transaction()",
         open_resilient,
     ),
     Contender(
         "b",
         "psycopg_pool",
         "AsyncConnectionPool(min=max=n), default kwargs (not autocommit): "
-        'async with pool.connection() as conn: await conn.execute("SELECT 1")',
+        "async with pool.connection() as conn: await conn.execute(...)",
         open_psycopg_pool,
     ),
     Contender(
@@ -178,16 +97,37 @@ CONTENDERS: tuple[Contender, ...] = (
     ),
     Contender(
         "d",
-        "raw psycopg (held)",
-        "n held AsyncConnection(autocommit); at 32 tasks task i uses connection i % 8 "
-        "behind an asyncio.Lock per connection",
+        "raw psycopg",
+        "n held AsyncConnection(autocommit), reopened when found closed; with n > 1 task i "
+        "uses connection i % n behind an asyncio.Lock per connection",
         open_raw,
     ),
     Contender(
         "e",
         "asyncpg pool",
-        'asyncpg.create_pool(min=max=n, ssl=SSLContext): await pool.fetchval("SELECT 1")',
+        "asyncpg.create_pool(min=max=n, ssl=SSLContext): await pool.fetchval(...)",
         open_asyncpg,
+    ),
+    Contender(
+        "f",
+        "psycopg_pool check",
+        "same as c with check=AsyncConnectionPool.check_connection (an empty query at "
+        "every checkout)",
+        open_psycopg_pool_check,
+    ),
+    Contender(
+        "g",
+        "SQLAlchemy pre_ping",
+        "create_async_engine('postgresql+psycopg://...', pool_size=n, max_overflow=0, "
+        "pool_pre_ping=True): async with engine.connect() as conn: await conn.execute(...)",
+        open_sqlalchemy,
     ),
 )
 BASELINE = "b"
+
+
+def pick(keys: str | list[str] | None) -> list[Contender]:
+    """The contenders with these keys (all of them for None), in CONTENDERS' order."""
+    if keys is None:
+        return list(CONTENDERS)
+    return [c for c in CONTENDERS if c.key in keys]

@@ -1,6 +1,10 @@
-"""Recovery part of bench_reads.py: one reader task per pool while the server restarts
-(``-m fast``) or crashes (``stop -m immediate``, 2 s down, start); times "server ready ->
-first successful read" and counts the errors the reader saw."""
+"""Recovery and errors under faults: reader tasks read through a contender (``SELECT 1``,
+answers checked) while a fault from `_faults` hits; we time "server ready -> first
+successful read" and count the errors the readers (the application) saw.
+
+A reader is the loop an application writes: call, and on an error count it, wait
+ERROR_PAUSE and go on. Contenders face a fault one at a time (alternating who goes first),
+or all at once against the same fault (``together``: faster, for smoke runs)."""
 
 from __future__ import annotations
 
@@ -11,40 +15,57 @@ import gc
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import psycopg_pool
-from _common import QUERY, SETUP_TIMEOUT, describe_error, finish, log
+from _common import ERROR_PAUSE, Op, check_answer, describe_error, finish, log
+from _contenders import Contender
 from _cpu_meter import CpuMeter
+from _faults import FAULTS, Fault, ProxyTarget
 
-from aiopg_resilient import ResilientPool
-from aiopg_resilient.testing import PostgresServer
+from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
-RECOVERY_CAP = 20.0  # give up on a recovery this long after the server is ready
-RECOVERY_TAIL = 1.0  # keep reading this long after the first success, counting errors
-RECOVERY_WARMUP = 0.3  # reads before the fault
 
-Read = Callable[[], Awaitable[Any]]
+@dataclass(frozen=True)
+class FaultPlan:
+    reps: dict[str, int]
+    """Repetitions per fault key (FAULTS), in this order."""
+    readers: int = 1
+    """Reader tasks per contender."""
+    size: int = 4
+    """Connections each contender holds (min = max)."""
+    warmup: float = 0.3
+    """Reads before the fault."""
+    tail: float = 1.0
+    """Keep reading this long after every contender's first success, counting late errors
+    (stale pooled connections used later)."""
+    down: float = 2.0
+    """How long a crashed server stays down."""
+    cap: float = 20.0
+    """Give up on a recovery this long after the server is ready."""
+    together: bool = False
 
 
 @dataclass
 class Recovery:
+    key: str
     contender: str
     fault: str
+    fault_key: str
+    """A key of FAULTS."""
     repetition: int
+    together: bool
     fault_seconds: float
-    """From the fault's start (restart/stop called) to the server being ready again."""
+    """From the fault's start to its end (the server ready again, or the cut done)."""
     recovery: float | None
-    """From restart()/start() returning (server ready) to the end of the first read that
-    succeeded after it; None if none did within RECOVERY_CAP."""
+    """From the fault's end (server ready) to the end of the first read that succeeded
+    after it; None if none did within the cap."""
     recovery_from_ready_file: float | None
-    """Same, from the moment the postmaster wrote "ready" into postmaster.pid (local
-    backend only): a check on the resolution of the first number."""
+    """Same, from the moment the postmaster wrote "ready" into postmaster.pid (restart and
+    crash, local backend only): a check on the resolution of the first number."""
     errors: int
-    """Errors the reader saw from the fault's start to the end of the observation."""
+    """Errors the readers saw from the fault's start to the end of the observation."""
     error_kinds: dict[str, int]
     longest_gap: float
     """Longest time between two successful reads around the fault: the outage the
@@ -67,19 +88,17 @@ class _Reader:
     recovered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def _read_loop(read: Read, st: _Reader) -> None:
-    """One task, reading as fast as it can; errors are swallowed and counted."""
+async def _read_loop(op: Op, i: int, st: _Reader) -> None:
+    """One reader task: reads back to back; an error is counted, then ERROR_PAUSE."""
     while not st.stop:
         start = time.monotonic()
         try:
-            await read()
-        except Exception as exc:  # a user's "retry on OperationalError" loop
+            check_answer(await op(i))
+        except Exception as exc:  # a user's "catch, log, retry" loop
             end = time.monotonic()
             st.errors.append(end)
-            if len(st.kinds) < 20:
-                st.kinds[describe_error(exc)] += 1
-            else:
-                st.kinds["(other)"] += 1
+            st.kinds[describe_error(exc) if len(st.kinds) < 20 else "(other)"] += 1
+            await asyncio.sleep(ERROR_PAUSE)
         else:
             end = time.monotonic()
             st.successes.append(end)
@@ -87,39 +106,6 @@ async def _read_loop(read: Read, st: _Reader) -> None:
                 st.recovered.set()
         if end - start > 0.01:
             st.calls.append((end, end - start))
-
-
-@contextlib.asynccontextmanager
-async def reader_resilient(pg: PostgresServer) -> AsyncIterator[Read]:
-    async with ResilientPool(pg.dsn, name="bench-recovery") as pool:
-
-        async def read() -> Any:
-            return await pool.fetchval(QUERY)
-
-        yield read
-
-
-@contextlib.asynccontextmanager
-async def reader_psycopg_pool(pg: PostgresServer) -> AsyncIterator[Read]:
-    pool = psycopg_pool.AsyncConnectionPool(pg.dsn, open=False)
-    await pool.open(wait=True, timeout=SETUP_TIMEOUT)
-    try:
-
-        async def read() -> None:
-            async with pool.connection() as conn:
-                await conn.execute(QUERY)
-
-        yield read
-    finally:
-        await pool.close()
-
-
-RECOVERY_CONTENDERS: tuple[
-    tuple[str, Callable[[PostgresServer], contextlib.AbstractAsyncContextManager[Read]]], ...
-] = (
-    ("aiopg_resilient", reader_resilient),
-    ("psycopg_pool", reader_psycopg_pool),
-)
 
 
 def _ready_file_time(pg: PostgresServer) -> float | None:
@@ -131,107 +117,126 @@ def _ready_file_time(pg: PostgresServer) -> float | None:
     return None
 
 
-async def _fast_restart(pg: PostgresServer) -> None:
-    await pg.restart("fast")
-
-
-async def _immediate_down_2s(pg: PostgresServer) -> None:
-    await pg.stop("immediate")
-    await asyncio.sleep(2.0)
-    await pg.start()
-
-
-FAULTS: dict[str, Callable[[PostgresServer], Awaitable[None]]] = {
-    "restart -m fast": _fast_restart,
-    "stop -m immediate, 2 s down, start": _immediate_down_2s,
-}
-
-
-async def measure_recovery(
-    pg: PostgresServer,
-    name: str,
-    opener: Callable[[PostgresServer], contextlib.AbstractAsyncContextManager[Read]],
-    fault: str,
+def _summary(
+    c: Contender,
+    st: _Reader,
+    fault: Fault,
     repetition: int,
+    plan: FaultPlan,
+    t_fault: float,
+    t_ready: float,
+    t_file: float | None,
+    load: float | None,
 ) -> Recovery:
-    st = _Reader()
-    async with opener(pg) as read:
-        task = asyncio.create_task(_read_loop(read, st))
-        try:
-            await asyncio.sleep(RECOVERY_WARMUP)
-            if not st.successes:
-                raise RuntimeError(f"{name}: no successful read before the fault")
-            meter = CpuMeter(pg)
-            meter.start()
-            t_fault = time.monotonic()
-            try:
-                await FAULTS[fault](pg)
-            finally:
-                t_ready = st.ready_at = time.monotonic()
-                wall_ready = time.time()
-            ready_file = _ready_file_time(pg)
-            # Wait (bounded) for the first success after the server is ready, then keep
-            # reading a little to count late errors (stale connections used later).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(st.recovered.wait(), RECOVERY_CAP)
-            await asyncio.sleep(RECOVERY_TAIL)
-            load = meter.stop()
-        finally:
-            st.stop = True
-            await finish([task], timeout=RECOVERY_CAP)
+    def first_ok_after(t: float) -> float | None:
+        first = next((s for s in st.successes if s >= t), None)
+        return None if first is None else round(first - t, 4)
 
-    first_ok = next((s for s in st.successes if s >= t_ready), None)
-    recovery = None if first_ok is None else first_ok - t_ready
-    recovery_file = None
-    if ready_file is not None:
-        t_file = t_ready - (wall_ready - ready_file)  # the same instant on the monotonic clock
-        first_ok_file = next((s for s in st.successes if s >= t_file), None)
-        if first_ok_file is not None and wall_ready - ready_file < 60:
-            recovery_file = first_ok_file - t_file
     # The outage the application saw: longest gap between successes around the fault.
     around = [s for s in st.successes if s < t_fault][-1:] + [
         s for s in st.successes if s >= t_fault
     ]
     gaps = [b - a for a, b in itertools.pairwise(around)]
     errors_in = [e for e in st.errors if e >= t_fault]
-    before = len(st.errors) - len(errors_in)
-    if before:
-        log.warning("%s: %d error(s) before the fault", name, before)
+    if len(st.errors) > len(errors_in):
+        log.warning("%s: %d error(s) before the fault", c.name, len(st.errors) - len(errors_in))
     return Recovery(
-        contender=name,
-        fault=fault,
+        key=c.key,
+        contender=c.name,
+        fault=fault.name,
+        fault_key=fault.key,
         repetition=repetition,
+        together=plan.together,
         fault_seconds=round(t_ready - t_fault, 4),
-        recovery=None if recovery is None else round(recovery, 4),
-        recovery_from_ready_file=None if recovery_file is None else round(recovery_file, 4),
+        recovery=first_ok_after(t_ready),
+        recovery_from_ready_file=None if t_file is None else first_ok_after(t_file),
         errors=len(errors_in),
         error_kinds=dict(st.kinds),
         longest_gap=round(max(gaps, default=0.0), 4),
         longest_call=round(max((d for e, d in st.calls if e >= t_fault), default=0.0), 4),
         reads_ok=len(st.successes),
-        foreign_load=None if load is None else round(load.foreign, 3),
+        foreign_load=None if load is None else round(load, 3),
     )
 
 
-async def bench_recovery(pg: PostgresServer, fast_reps: int, immediate_reps: int) -> list[Recovery]:
+async def measure(
+    pg: PostgresServer,
+    proxy: ChaosProxy | None,
+    group: Sequence[Contender],
+    fault: Fault,
+    repetition: int,
+    plan: FaultPlan,
+) -> list[Recovery]:
+    """Open every contender of *group*, run its readers, inject *fault* once, observe."""
+    target = ProxyTarget.of(pg, proxy) if fault.via_proxy and proxy is not None else pg
+    if fault.via_proxy and proxy is None:
+        raise RuntimeError(f"{fault.name}: needs a proxy")
+    states = {c.key: _Reader() for c in group}
+    tasks: list[asyncio.Task[None]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for c in group:
+            subject = await stack.enter_async_context(c.open(target, plan.size))
+            for i in range(plan.readers):
+                tasks.append(asyncio.create_task(_read_loop(subject.op, i, states[c.key])))
+        try:
+            await asyncio.sleep(plan.warmup)
+            silent = [c.name for c in group if not states[c.key].successes]
+            if silent:
+                raise RuntimeError(f"no successful read before the fault: {silent}")
+            meter = CpuMeter(pg)
+            meter.start()
+            t_fault = time.monotonic()
+            try:
+                await fault.inject(pg, proxy, plan.down)
+            finally:
+                t_ready = time.monotonic()
+                wall_ready = time.time()
+                for st in states.values():
+                    st.ready_at = t_ready
+            t_file = None
+            ready_file = _ready_file_time(pg) if fault.server_down else None
+            if ready_file is not None and wall_ready - ready_file < 60:
+                t_file = t_ready - (wall_ready - ready_file)  # same instant, monotonic clock
+            waits = [st.recovered.wait() for st in states.values()]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), plan.cap)
+            await asyncio.sleep(plan.tail)
+            load = meter.stop()
+        finally:
+            for st in states.values():
+                st.stop = True
+            await finish(tasks, timeout=plan.cap)
+    foreign = None if load is None else load.foreign
+    return [
+        _summary(c, states[c.key], fault, repetition, plan, t_fault, t_ready, t_file, foreign)
+        for c in group
+    ]
+
+
+async def bench_recovery(
+    pg: PostgresServer,
+    proxy: ChaosProxy | None,
+    contenders: Sequence[Contender],
+    plan: FaultPlan,
+) -> list[Recovery]:
     results: list[Recovery] = []
-    plan = [("restart -m fast", fast_reps), ("stop -m immediate, 2 s down, start", immediate_reps)]
-    for fault, reps in plan:
+    for fault_key, reps in plan.reps.items():
+        fault = FAULTS[fault_key]
         for rep in range(1, reps + 1):
-            # Alternate who goes first, so neither always meets a freshly restarted server.
-            order = RECOVERY_CONTENDERS if rep % 2 else RECOVERY_CONTENDERS[::-1]
-            for name, opener in order:
+            # Alternate who goes first, so no one always meets a freshly restarted server.
+            order = list(contenders) if rep % 2 else list(contenders)[::-1]
+            for group in [order] if plan.together else [[c] for c in order]:
                 gc.collect()
-                r = await measure_recovery(pg, name, opener, fault, rep)
-                log.info(
-                    "recovery %-16s %-36s #%d: ready->ok %s s, %d errors, gap %.3f s",
-                    name,
-                    fault,
-                    rep,
-                    "n/a" if r.recovery is None else f"{r.recovery:.3f}",
-                    r.errors,
-                    r.longest_gap,
-                )
-                results.append(r)
+                for r in await measure(pg, proxy, group, fault, rep, plan):
+                    log.info(
+                        "fault %-9s #%d %-24s ready->ok %s s, %d errors, gap %.3f s",
+                        fault_key,
+                        rep,
+                        r.contender,
+                        "n/a" if r.recovery is None else f"{r.recovery:.3f}",
+                        r.errors,
+                        r.longest_gap,
+                    )
+                    results.append(r)
                 await asyncio.sleep(0.2)
     return results

@@ -9,8 +9,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from _common import POOL_SIZE
 from _recovery import Recovery
-from _throughput import DISTURBED, MIN_CLEAN_ROUNDS, POOL_SIZE_AT_32, Throughput
+from _throughput import DISTURBED, MIN_CLEAN_ROUNDS, Throughput
 
 
 def _fmt_s(value: float | None) -> str:
@@ -113,7 +114,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"all clients over TLS to 127.0.0.1; Python {v['python']} ({v['event_loop']}), "
         f"{v['cpus']} CPUs; aiopg_resilient {v['aiopg_resilient']}, psycopg {v['psycopg']} "
         f"({v['psycopg_impl']}, libpq {v['libpq']}), psycopg_pool {v['psycopg_pool']}, "
-        f"asyncpg {v['asyncpg']}. Total run {meta['elapsed']} s.",
+        f"asyncpg {v['asyncpg']}, SQLAlchemy {v.get('sqlalchemy', '?')}. "
+        f"Total run {meta['elapsed']} s.",
     ]
     if throughput:
         tls = sorted({r.tls for r in throughput})
@@ -123,7 +125,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             f"## Throughput of `SELECT 1` (ops/s; {args.seconds:g} s measured per cell over "
             f"{args.rounds} interleaved round(s), each after {args.warmup:g} s of warm-up; "
-            f"1 connection at concurrency 1, {POOL_SIZE_AT_32} at 32; TLS: {', '.join(tls)})",
+            f"1 connection at concurrency 1, {POOL_SIZE} above; TLS: {', '.join(tls)})",
             "",
             "Median of the rounds; in parentheses the lowest and highest round. "
             f"Each `*` marks a round during which other processes or the hypervisor took more "
@@ -143,7 +145,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
     if recovery:
         out += [
             "",
-            "## Recovery (one reader task; default settings; errors swallowed and counted)",
+            "## Recovery (one reader task; 4 connections, otherwise default settings; "
+            "errors counted, then 10 ms before the next read)",
             "",
             recovery_table(recovery),
             "",

@@ -1,5 +1,6 @@
-"""Throughput part of bench_reads.py: each contender's ``SELECT 1`` rate at each
-concurrency over interleaved rounds, with make-up rounds for the cells that other load disturbed."""
+"""Throughput: each contender's ``SELECT 1`` rate (answers checked) at each concurrency over
+interleaved rounds, with make-up rounds for the cells that other load disturbed; and
+`drive`, the timed loop the write benchmark reuses."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from _common import describe_error, finish, log
-from _contenders import BASELINE, Contender, Op
+from _common import Op, check_answer, describe_error, finish, log, pool_size
+from _contenders import BASELINE, Contender
 from _cpu_meter import CpuMeter, Load
 
 from aiopg_resilient.testing import PostgresServer
 
-POOL_SIZE_AT_32 = 8
 DISTURBED = 0.10  # a round is disturbed if others took more than this share of the machine
 MIN_CLEAN_ROUNDS = 3  # make-up rounds are run for cells with fewer undisturbed rounds...
 MAX_MAKEUP_PER_CELL = 3  # ...at most this many per cell...
@@ -49,10 +50,15 @@ class Throughput:
 
 
 async def drive(
-    op: Op, concurrency: int, warmup: float, seconds: float
+    op: Op,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    check: Callable[[Any], None] | None = check_answer,
 ) -> tuple[int, float, int, str | None]:
     """Run *concurrency* tasks calling *op* back to back; count completions in the window
-    [warmup, warmup + seconds]. Returns (ops, elapsed, errors, first error)."""
+    [warmup, warmup + seconds]; *check* vets each result (raising counts as an error).
+    Returns (ops, elapsed, errors, first error)."""
     done = 0
     errors = 0
     first_error: str | None = None
@@ -62,7 +68,9 @@ async def drive(
         nonlocal done, errors, first_error
         while not stop:
             try:
-                await op(i)
+                value = await op(i)
+                if check is not None:
+                    check(value)
             except Exception as exc:
                 errors += 1
                 if first_error is None:
@@ -123,7 +131,7 @@ async def bench_throughput(
     meter = CpuMeter(pg)
 
     async def cell(c: Contender, concurrency: int, label: str) -> None:
-        size = 1 if concurrency == 1 else POOL_SIZE_AT_32
+        size = pool_size(concurrency)
         gc.collect()
         async with c.open(pg, size) as subject:
             ssl_on, version, cipher = await subject.tls()
@@ -184,7 +192,7 @@ async def bench_throughput(
                     key=c.key,
                     contender=c.name,
                     concurrency=concurrency,
-                    connections=1 if concurrency == 1 else POOL_SIZE_AT_32,
+                    connections=pool_size(concurrency),
                     seconds=round(elapsed, 3),
                     ops=ops,
                     ops_per_s=round(statistics.median(r.rate for r in used), 1),

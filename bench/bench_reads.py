@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Read benchmarks of aiopg_resilient against psycopg_pool, raw psycopg and asyncpg.
+"""Read benchmarks of aiopg_resilient against psycopg_pool, raw psycopg, asyncpg and SQLAlchemy.
 
 One run, one throwaway PostgreSQL 15 (``ssl=on``) started by this script, every client over
 TLS (``sslmode=verify-full``) to 127.0.0.1:
@@ -10,13 +10,15 @@ TLS (``sslmode=verify-full``) to 127.0.0.1:
    c. psycopg_pool autocommit (same with ``kwargs={"autocommit": True}``)
    d. raw held psycopg ``AsyncConnection`` (autocommit)
    e. asyncpg pool     ``await pool.fetchval("SELECT 1")``
-   Pools hold 1 connection at concurrency 1 and 8 (min = max) at concurrency 32. Each cell
+   f. psycopg_pool autocommit with ``check=AsyncConnectionPool.check_connection``
+   g. SQLAlchemy async engine (psycopg, ``pool_pre_ping=True``)
+   Pools hold 1 connection at concurrency 1 and 8 (min = max) above. Each cell
    is timed over several interleaved rounds; its rate is the median of the rounds that
    other load on the machine did not disturb (measured through /proc).
 2. Recovery after ``restart -m fast`` (5 times) and after ``stop -m immediate``, 2 s down,
-   ``start`` (once), for aiopg_resilient and psycopg_pool with default settings: one reader
-   task reads as fast as it can; we time "server ready -> first successful read" and count
-   the errors the reader saw.
+   ``start`` (once), for aiopg_resilient and psycopg_pool (4 connections each, otherwise
+   default settings): one reader task reads as fast as it can; we time "server ready ->
+   first successful read" and count the errors the reader saw.
 
 Usage::
 
@@ -24,9 +26,9 @@ Usage::
 
 Results go to stdout as markdown tables; progress to stderr. See bench/README.md.
 
-The parts: ``_contenders.py`` (a-e), ``_throughput.py`` (with ``_cpu_meter.py``),
-``_recovery.py``, ``_report.py`` and ``_common.py``; this module is the command line, the run
-and the JSON.
+The parts: ``_contenders.py`` (a-g), ``_throughput.py`` (with ``_cpu_meter.py``),
+``_recovery.py`` (with ``_faults.py``), ``_report.py`` and ``_common.py``; this module is the
+command line, the run and the JSON. ``run_all.py`` runs every benchmark.
 """
 
 from __future__ import annotations
@@ -34,9 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -44,38 +43,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
-import psycopg
-import psycopg_pool
-from _common import log
-from _contenders import CONTENDERS
-from _recovery import Recovery, bench_recovery
+from _common import log, setup_logging
+from _contenders import CONTENDERS, pick
+from _machine import versions
+from _recovery import FaultPlan, Recovery, bench_recovery
 from _report import report
 from _throughput import Throughput, bench_throughput
 
-import aiopg_resilient
 from aiopg_resilient.testing import PostgresServer
 
-
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpus": str(os.cpu_count()),
-        "aiopg_resilient": aiopg_resilient.__version__,
-        "psycopg": psycopg.__version__,
-        "psycopg_impl": psycopg.pq.__impl__,
-        "libpq": str(psycopg.pq.version()),
-        "psycopg_pool": psycopg_pool.__version__,
-        "asyncpg": asyncpg.__version__,
-        "event_loop": type(asyncio.get_event_loop_policy()).__name__,
-    }
+RECOVERY_CONTENDERS = ["a", "b"]  # aiopg_resilient and psycopg_pool
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "versions": _versions(),
+        "versions": versions(),
         "seconds": args.seconds,
         "warmup": args.warmup,
         "rounds": args.rounds,
@@ -101,7 +83,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             )
         recovery: list[Recovery] = []
         if not args.skip_recovery:
-            recovery = await bench_recovery(pg, args.fast_reps, args.immediate_reps)
+            plan = FaultPlan(reps={"restart": args.fast_reps, "crash": args.immediate_reps})
+            recovery = await bench_recovery(pg, None, pick(RECOVERY_CONTENDERS), plan)
     meta["elapsed"] = round(time.monotonic() - started, 1)
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     meta["leftover_tasks"] = [repr(t) for t in leftovers]
@@ -170,15 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    # The pools log every lost connection at WARNING: expected here, and counted anyway.
-    level = logging.WARNING if args.verbose else logging.ERROR
-    root.setLevel(level)
-    logging.getLogger("psycopg").setLevel(level)  # psycopg pins its logger at WARNING
-    log.setLevel(logging.INFO)
+    setup_logging(args.verbose)
     result = asyncio.run(amain(args))
     text = report(result, args)
     sys.stdout.write(text)

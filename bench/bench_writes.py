@@ -1,146 +1,72 @@
 #!/usr/bin/env python
-"""The cost of write safety: a single-row INSERT, four ways, in one run.
+"""The cost of write safety: one row per operation, every way each contender offers.
 
-One throwaway PostgreSQL 15 (``ssl=on``, ``synchronous_commit=on``, ``fsync=off``) started
-by this script; every client over TLS (``sslmode=verify-full``) to 127.0.0.1.
+One throwaway PostgreSQL (``ssl=on``) started by this script; every client over TLS
+(``sslmode=verify-full``) to 127.0.0.1. Each contender of ``_contenders.py`` writes one row
+per operation (``_writes.py``):
 
-- raw psycopg, autocommit: ``await conn.execute(INSERT)`` on held connections (1 round
-  trip, and unsafe: a lost answer leaves the write in doubt, a retry may double it);
-- ``pool.execute(INSERT, idempotent=True)``: replayed like a read (1 round trip);
-- ``pool.execute(INSERT)``: write-safe (BEGIN + INSERT + xid pipelined, then COMMIT);
-- psycopg_pool ``async with pool.connection() as conn: await conn.execute(INSERT)``
-  (BEGIN, INSERT, COMMIT: what psycopg_pool users run by default).
+- *one INSERT*: its plainest write. Autocommit where it has it (raw psycopg, asyncpg,
+  psycopg_pool autocommit: 1 round trip, and unsafe: a lost answer leaves the write in doubt,
+  a retry may double it); BEGIN/INSERT/COMMIT where it does not (psycopg_pool's default,
+  SQLAlchemy's ``engine.begin()``); for aiopg_resilient the write-safe ``pool.execute()``
+  (BEGIN + INSERT + transaction id pipelined, then COMMIT);
+- *BEGIN; INSERT; COMMIT*: the same row in an explicit transaction block
+  (``pool.transaction()`` for aiopg_resilient);
+- aiopg_resilient only: ``pool.execute(..., idempotent=True)``, replayed like a read.
 
-At concurrency 1 (one connection) and 16 (8 connections). Prints a markdown table of
-INSERTs/s and the ratio to raw psycopg. Usage::
+At concurrency 1 (one connection) and 16 (8 connections). Prints a markdown table of rows/s
+and the ratio to psycopg_pool's default. ``run_all.py`` runs this too. Usage::
 
-    .venv/bin/python bench/bench_writes.py [--seconds N] [--json PATH]
+    .venv/bin/python bench/bench_writes.py [--seconds N] [--rounds N] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import itertools
 import json
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import psycopg
-import psycopg_pool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aiopg_resilient import ResilientPool
+from _common import setup_logging
+from _contenders import CONTENDERS, pick
+from _results import writes_table
+from _writes import WriteCost, bench_writes
+
 from aiopg_resilient.testing import PostgresServer
 
-INSERT = "INSERT INTO bench_w (k, v) VALUES (%s, 1)"
-SIZES = {1: 1, 16: 8}  # concurrency -> connections
 
-Op = Callable[[str], Awaitable[Any]]
-
-
-@contextlib.asynccontextmanager
-async def raw(dsn: str, size: int) -> AsyncIterator[Op]:
-    conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(size)]
-    free: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
-    for c in conns:
-        free.put_nowait(c)
-
-    async def op(key: str) -> None:
-        conn = await free.get()
-        try:
-            await conn.execute(INSERT, (key,))
-        finally:
-            free.put_nowait(conn)
-
-    try:
-        yield op
-    finally:
-        for c in conns:
-            await c.close()
-
-
-@contextlib.asynccontextmanager
-async def resilient(dsn: str, size: int, idempotent: bool) -> AsyncIterator[Op]:
-    async with ResilientPool(dsn, min_size=size, max_size=size) as pool:
-
-        async def op(key: str) -> None:
-            await pool.execute(INSERT, (key,), idempotent=idempotent)
-
-        yield op
-
-
-@contextlib.asynccontextmanager
-async def psycopg_pool_default(dsn: str, size: int) -> AsyncIterator[Op]:
-    async with psycopg_pool.AsyncConnectionPool(
-        dsn, min_size=size, max_size=size, open=False
-    ) as pool:
-        await pool.wait()
-
-        async def op(key: str) -> None:
-            async with pool.connection() as conn:
-                await conn.execute(INSERT, (key,))
-
-        yield op
-
-
-CONTENDERS: dict[str, Callable[[str, int], contextlib.AbstractAsyncContextManager[Op]]] = {
-    "raw psycopg autocommit (unsafe)": raw,
-    "aiopg_resilient execute(idempotent=True)": lambda d, n: resilient(d, n, True),
-    "aiopg_resilient execute() (write-safe)": lambda d, n: resilient(d, n, False),
-    "psycopg_pool connection() (BEGIN/INSERT/COMMIT)": psycopg_pool_default,
-}
-
-
-async def measure(op: Op, concurrency: int, seconds: float, tag: str) -> float:
-    counter = itertools.count()
-    done = 0
-
-    async def worker(w: int) -> None:
-        nonlocal done
-        while time.monotonic() < t_end:
-            await op(f"{tag}-{w}-{next(counter)}")
-            done += 1
-
-    # warm-up
-    t_end = time.monotonic() + min(0.5, seconds / 4)
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    done = 0
-    t0 = time.monotonic()
-    t_end = t0 + seconds
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return done / (time.monotonic() - t0)
-
-
-async def main(seconds: float, json_path: Path | None) -> None:
-    results: dict[str, dict[int, float]] = {}
-    async with PostgresServer() as server:
-        await server.execute("CREATE TABLE bench_w (k text, v int)")
-        for name, make in CONTENDERS.items():
-            for concurrency, size in SIZES.items():
-                print(f"  {name} at {concurrency} ...", file=sys.stderr)
-                async with make(server.dsn, size) as op:
-                    rate = await measure(op, concurrency, seconds, f"{len(results)}{concurrency}")
-                results.setdefault(name, {})[concurrency] = rate
-                await server.execute("TRUNCATE bench_w")
-    base = next(iter(results.values()))
-    print("\n| INSERT of one row | 1 task | ratio | 16 tasks (8 conns) | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    for name, by_c in results.items():
-        print(
-            f"| {name} | {by_c[1]:,.0f}/s | {by_c[1] / base[1]:.2f} | "
-            f"{by_c[16]:,.0f}/s | {by_c[16] / base[16]:.2f} |"
+async def amain(args: argparse.Namespace) -> list[WriteCost]:
+    async with PostgresServer(ssl=True) as pg:
+        return await bench_writes(
+            pg, pick(args.only), args.concurrency, args.seconds, args.warmup, args.rounds
         )
-    if json_path is not None:
-        await asyncio.to_thread(json_path.write_text, json.dumps(results, indent=2))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="measured per cell (3)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds the seconds are split over (1)")
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up per round (0.5)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="tasks (1 16)")
+    p.add_argument("--only", nargs="+", choices=[c.key for c in CONTENDERS], help="contenders")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+    if not 0 < args.seconds <= 60 or not 1 <= args.rounds <= 20 or not 0 <= args.warmup <= 30:
+        p.error("--seconds must be in (0, 60], --rounds in [1, 20], --warmup in [0, 30]")
+    if any(not 1 <= c <= 1024 for c in args.concurrency):
+        p.error("--concurrency must be between 1 and 1024")
+    setup_logging()
+    results = asyncio.run(amain(args))
+    print(writes_table(results, args.concurrency))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
-    args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.json))
+    sys.exit(main())

@@ -25,15 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import pool_size
 from _contenders import CONTENDERS
-from _throughput import POOL_SIZE_AT_32, drive
+from _throughput import drive
 
 from aiopg_resilient.testing import PostgresServer
 
 
 async def amain(args: argparse.Namespace) -> tuple[cProfile.Profile, int, float]:
     contender = next(c for c in CONTENDERS if c.key == args.contender)
-    size = 1 if args.concurrency == 1 else POOL_SIZE_AT_32
+    size = pool_size(args.concurrency)
     async with PostgresServer(ssl=True) as pg, contender.open(pg, size) as subject:
         await drive(subject.op, args.concurrency, 1.0, 0.5)  # warm-up
         profiler = cProfile.Profile()
