@@ -106,3 +106,11 @@ def test_a_malformed_dsn_error_shows_no_part_of_a_password() -> None:
     assert "sekrit99" not in str(caught.value)
     assert "hunter2" not in str(caught.value)
     assert 'missing "="' in str(caught.value)
+
+
+def test_a_malformed_dsn_error_is_one_line() -> None:
+    """libpq ends its message with a newline: the error reads as one sentence."""
+    with pytest.raises(psycopg.ProgrammingError, match="invalid connection string") as caught:
+        ResilientPool("postgresql://app:pw@[bad")
+    assert "\n" not in str(caught.value)
+    assert "IPv6 host address" in str(caught.value)

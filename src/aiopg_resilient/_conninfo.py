@@ -41,7 +41,7 @@ def validate(conninfo: str) -> dict[str, str]:
         return {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
     except psycopg.ProgrammingError as exc:
         # libpq quotes the offending token, which may be (part of) a password.
-        reason = _QUOTED.sub(lambda m: m[0] if m[1] == "=" else '"..."', str(exc))
+        reason = _QUOTED.sub(lambda m: m[0] if m[1] == "=" else '"..."', str(exc).strip())
         raise psycopg.ProgrammingError(
             f"invalid connection string ({reason}); use libpq 'key=value' pairs, e.g. "
             "'host=db.example dbname=app user=app', or a URL such as "
