@@ -1,13 +1,24 @@
-"""PoolEvent and the one stream that the stats, and the user's ``on_event``, read.
+"""PoolEvent and the one stream that the stats, the logs, the metrics and the user's
+``on_event`` read.
 
 Every connect (with its duration), failed connect, lost connection (with its cause),
 retry, heartbeat and its failure, wait for a connection, in-doubt outcome, and down/up
 transition is one `PoolEvent`. The counters of `PoolStats` and the pool's log lines
 (connect failures, losses, down and up) are kept by reading the stream and nowhere
-else; the in-doubt resolution logs its reasoning itself, with the transaction id. A slow
-or failing ``on_event`` never breaks the pool: its exceptions are logged and swallowed,
-and a coroutine function runs as a task of its own (at most 1,000 pending; more are
-dropped and counted).
+else; the in-doubt resolution logs its reasoning itself, with the transaction id.
+
+Readers: ``on_event`` (given to the pool), and any number added later with
+``pool.subscribe(fn)``, which returns the function that removes it again (the metrics
+adapters of `aiopg_resilient.metrics` are such readers). Two kinds are per operation:
+``acquire`` (every connection handed to a caller; ``duration`` is how long it waited)
+and ``release`` (every borrow's end, given back, dropped or found dead; ``duration`` is
+how long the caller held it). Only readers subscribed with ``per_operation=True`` get
+them, and the pool makes them only while one is subscribed: a pool without such a
+reader pays one attribute read per operation for them, nothing more.
+
+A slow or failing reader never breaks the pool: its exceptions are logged and
+swallowed, and a coroutine function runs as a task of its own (at most 1,000 pending;
+more are dropped and counted).
 """
 
 from __future__ import annotations
@@ -16,13 +27,13 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._errors import Failure, classify
 
-__all__ = ["COUNTERS", "EventKind", "EventStream", "OnEvent", "PoolEvent"]
+__all__ = ["COUNTERS", "PER_OPERATION", "EventKind", "EventStream", "OnEvent", "PoolEvent"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
@@ -35,6 +46,8 @@ EventKind = Literal[
     "heartbeat_failed",
     "acquire_wait",
     "acquire_timeout",
+    "acquire",
+    "release",
     "commit_resolved",
     "commit_unknown",
     "down",
@@ -54,17 +67,29 @@ COUNTERS: dict[str, str] = {
     "commit_unknown": "commits_unknown",
 }
 
+# Made only while a reader subscribed with per_operation=True (see the module doc).
+PER_OPERATION = frozenset({"acquire", "release"})
+
 _MAX_PENDING = 1000
 _LOGGED = frozenset({"connect_failed", "lost", "down", "up"})
 
 
 @dataclass(frozen=True)
 class PoolEvent:
-    """One thing that happened to a pool (see the module doc for the kinds).
+    """One thing that happened to a pool.
+
+    *kind* is one of: ``connect``, ``connect_failed``, ``lost``, ``retry``,
+    ``heartbeat``, ``heartbeat_failed``, ``acquire_wait`` (a caller had to wait for a
+    connection), ``acquire_timeout``, ``commit_resolved``, ``commit_unknown``, ``down``,
+    ``up``; and, only for readers subscribed with ``pool.subscribe(fn,
+    per_operation=True)``, ``acquire`` (every connection handed to a caller) and
+    ``release`` (every borrow's end: given back, dropped, or found dead).
 
     ``error`` is the error's class and libpq's message (never a password); ``duration``
-    the seconds a connect or a wait took; ``xid`` and ``outcome`` describe an in-doubt
-    commit (``"committed"``, ``"aborted"`` or ``"unknown"``).
+    the seconds a connect took (``connect``), a caller waited (``acquire_wait``,
+    ``acquire``, ``acquire_timeout``) or held its connection (``release``); ``xid`` and
+    ``outcome`` describe an in-doubt commit (``"committed"``, ``"aborted"`` or
+    ``"unknown"``).
     """
 
     kind: EventKind
@@ -83,19 +108,47 @@ OnEvent = Callable[[PoolEvent], None] | Callable[[PoolEvent], Awaitable[None]]
 
 
 class EventStream:
-    """Emits a pool's events to its counters and to the user's callback."""
+    """Emits a pool's events to its counters, its log lines and its readers."""
 
     def __init__(
         self, pool: str, on_event: OnEvent | None, target: Callable[[], str] = str
     ) -> None:
         self.pool = pool
-        self.on_event = on_event
         self._target = target
         self.counters = dict.fromkeys(COUNTERS.values(), 0)
         self.dropped = 0
         self.last_error: str | None = None
         """The last failed connect or lost connection (class and message); never cleared."""
         self._pending: set[asyncio.Task[Any]] = set()
+        self._readers: list[tuple[object, OnEvent, bool]] = []
+        self._all: tuple[OnEvent, ...] = ()
+        self._per_op: tuple[OnEvent, ...] = ()
+        self.per_op = False
+        """A reader wants ``acquire``/``release``: the one attribute the per-operation
+        path reads when none does."""
+        self._borrowed: dict[Hashable, float] = {}
+        if on_event is not None:
+            self.subscribe(on_event)
+
+    def subscribe(self, fn: OnEvent, *, per_operation: bool = False) -> Callable[[], None]:
+        """Add a reader of every later event; returns the function that removes it."""
+        token = object()
+        self._readers.append((token, fn, per_operation))
+        self._readers_changed()
+
+        def unsubscribe() -> None:
+            self._readers = [r for r in self._readers if r[0] is not token]
+            self._readers_changed()
+
+        return unsubscribe
+
+    def _readers_changed(self) -> None:
+        # Tuples, replaced whole: a reader may unsubscribe while an event is delivered.
+        self._all = tuple(fn for _, fn, _ in self._readers)
+        self._per_op = tuple(fn for _, fn, per_op in self._readers if per_op)
+        self.per_op = bool(self._per_op)
+        if not self.per_op:
+            self._borrowed.clear()
 
     def emit(
         self,
@@ -114,15 +167,36 @@ class EventStream:
         text = None if error is None else f"{type(error).__name__}: {error}"
         if text is not None and kind in ("connect_failed", "lost"):
             self.last_error = text
-        if self.on_event is None:
-            return
-        event = PoolEvent(kind, self.pool, time.time(), duration, text, xid, outcome)
-        try:
-            result = self.on_event(event)
-            if inspect.isawaitable(result):
-                self._schedule(result)
-        except Exception:
-            logger.exception("pool %r: on_event failed on a %r event; ignored", self.pool, kind)
+        if self._all:
+            self._send(
+                self._all, PoolEvent(kind, self.pool, time.time(), duration, text, xid, outcome)
+            )
+
+    def borrowed(self, slot: Hashable, started: float) -> None:
+        """*slot* went to a caller that asked for one at *started* (monotonic): an
+        ``acquire`` event. Called only while `per_op` is true."""
+        now = time.monotonic()
+        self._borrowed[slot] = now
+        self._send(self._per_op, PoolEvent("acquire", self.pool, time.time(), now - started))
+
+    def returned(self, slot: Hashable) -> None:
+        """The borrow of *slot* ended (given back, dropped or found dead): a ``release``
+        event, if `borrowed` saw it start. Called only while `per_op` is true."""
+        started = self._borrowed.pop(slot, None)
+        if started is not None:
+            held = time.monotonic() - started
+            self._send(self._per_op, PoolEvent("release", self.pool, time.time(), held))
+
+    def _send(self, readers: tuple[OnEvent, ...], event: PoolEvent) -> None:
+        for fn in readers:
+            try:
+                result = fn(event)
+                if inspect.isawaitable(result):
+                    self._schedule(result)
+            except Exception:
+                logger.exception(
+                    "pool %r: an event reader failed on a %r event; ignored", self.pool, event.kind
+                )
 
     def _log(self, kind: EventKind, error: BaseException | None) -> None:
         """The pool's log lines are one more reader of the stream."""
@@ -142,7 +216,7 @@ class EventStream:
             logger.info("pool %r: %s is reachable again", self.pool, target)
 
     def pending(self) -> list[asyncio.Task[Any]]:
-        """The ``on_event`` coroutines still running (cancelled when the pool closes)."""
+        """The readers' coroutines still running (cancelled when the pool closes)."""
         return list(self._pending)
 
     def _schedule(self, awaitable: Awaitable[None]) -> None:
@@ -159,4 +233,4 @@ class EventStream:
         try:
             await awaitable
         except Exception:
-            logger.exception("pool %r: on_event failed; ignored", self.pool)
+            logger.exception("pool %r: an event reader failed; ignored", self.pool)

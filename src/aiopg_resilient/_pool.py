@@ -20,11 +20,7 @@ from ._blocks import Blocks
 from ._connector import PROBE_INTERVAL, Configure, Connector, Conninfo
 from ._dialer import Dialer
 from ._driver import DriverConnection
-from ._errors import (
-    Failure,
-    PoolClosed,
-    PoolTimeout,
-)
+from ._errors import Failure, PoolClosed, PoolTimeout
 from ._events import EventStream, OnEvent
 from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
@@ -320,7 +316,7 @@ class ResilientPool:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # -- stats -----------------------------------------------------------------------
+    # -- stats and events ------------------------------------------------------------
 
     @property
     def stats(self) -> PoolStats:
@@ -338,6 +334,13 @@ class ResilientPool:
             last_error=self._events.last_error,
             **self._events.counters,
         )
+
+    def subscribe(self, fn: OnEvent, *, per_operation: bool = False) -> Callable[[], None]:
+        """Call *fn* with every later `PoolEvent`, as ``on_event`` (which may be a
+        coroutine function); returns the function that unsubscribes it. With
+        *per_operation*, *fn* also gets ``acquire`` and ``release`` for every borrowed
+        connection, which the pool makes only while such a reader is subscribed."""
+        return self._events.subscribe(fn, per_operation=per_operation)
 
     # -- connecting ------------------------------------------------------------------
 

@@ -121,8 +121,13 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
     """A live connection, waiting at most until *deadline* (monotonic)."""
     if not pool._opened or pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is {'closed' if pool._closed else 'not open'}")
+    events = pool._events
+    timed = events.per_op  # acquire/release events only while a reader wants them
+    started = time.monotonic() if timed else 0.0
     slot = await take_idle(pool)
     if slot is not None:
+        if timed:
+            events.borrowed(slot, started)
         return slot
     held = pool._server.held()
     if held is not None and not pool._slots:
@@ -145,7 +150,9 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
     timer = loop.call_later(max(wait, 0.0), _expire, waiter)
     try:
         slot = await waiter
-        pool._events.emit("acquire_wait", duration=time.monotonic() - now)
+        events.emit("acquire_wait", duration=time.monotonic() - now)
+        if timed:
+            events.borrowed(slot, started)
         return slot
     except BaseException as exc:
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
@@ -174,6 +181,8 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
 
 async def release(pool: ResilientPool, slot: Slot) -> None:
     """Return a connection after use: idle if clean, else discarded."""
+    if pool._events.per_op:
+        pool._events.returned(slot)
     conn = slot.conn
     if (
         pool._closed
@@ -255,6 +264,8 @@ async def side_query(pool: ResilientPool, query: str, params: dict[str, Any]) ->
 
 async def discard(pool: ResilientPool, slot: Slot) -> None:
     """Close a connection whose state is unknown or bad, and replace it."""
+    if pool._events.per_op:
+        pool._events.returned(slot)
     await close_slot(pool, slot)
     pool._wake_connector()
 
@@ -273,6 +284,8 @@ async def retire(pool: ResilientPool, slot: Slot) -> None:
 
 async def lost(pool: ResilientPool, slot: Slot, exc: BaseException | None) -> None:
     """A connection was found dead: drop it, check the others, replace it."""
+    if pool._events.per_op:
+        pool._events.returned(slot)
     pool._events.emit("lost", error=exc or _FoundClosed())
     pool._server.suspect = True
     wrong = exc is not None and wrong_server(exc) and not pool._server.wants_primary
