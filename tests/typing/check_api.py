@@ -72,3 +72,19 @@ def errors(exc: Exception) -> None:
         attempts: int = exc.attempts
         print(attempts)
     print(failure, gone)
+
+
+def events_and_metrics(pool: ResilientPool) -> None:
+    from collections.abc import Callable
+
+    from aiopg_resilient import PoolEvent
+    from aiopg_resilient.metrics import otel, prometheus
+
+    def reader(event: PoolEvent) -> None:
+        wait: float | None = event.duration
+        print(event.kind, wait)
+
+    stop: Callable[[], None] = pool.subscribe(reader, per_operation=True)
+    stop()
+    with prometheus.instrument(pool), otel.instrument(pool):
+        pass
