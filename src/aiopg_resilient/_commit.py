@@ -259,16 +259,26 @@ def decide(pending: Pending, probe: Probe) -> Verdict:
 
 def _past_recovered_wal(pending: Pending, probe: Probe) -> bool:
     """Whether the id is at or past the latest checkpoint's ``next_xid``, that checkpoint
-    being written after the id was learnt (by the server's clock; checkpoint times are
-    whole seconds, hence the strict comparison).
+    being written after the id was learnt.
 
     Sound after any number of crashes: a committed transaction's commit record is on
     disk, every recovery after it replays it, so every checkpoint written after that
     (including the end-of-recovery one) has ``next_xid`` above the id. Without a crash,
     a checkpoint written after the id was handed out also has ``next_xid`` above it, so
     the test never fires then.
+
+    "Written after the id was learnt" holds when another postmaster answers than the one
+    that issued the id (this is only asked after crash recovery, whose end-of-recovery
+    checkpoint is written before the server accepts connections, so after the issuing
+    postmaster ended; a failover is ruled out earlier by the timeline), or by the server's
+    clock: checkpoint times are whole seconds, hence the strict comparison, which alone
+    missed a restart within the second the id was learnt in.
     """
-    issued, at, next_xid = pending.issued_at, probe.checkpoint_time, probe.checkpoint_next_xid
-    if issued is None or at is None or next_xid is None:
+    next_xid = probe.checkpoint_next_xid
+    if next_xid is None or pending.xid < next_xid:
         return False
-    return at > issued and pending.xid >= next_xid
+    then, now = pending.incarnation.started, probe.incarnation.started
+    if then is not None and now is not None and now != then:
+        return True
+    issued, at = pending.issued_at, probe.checkpoint_time
+    return issued is not None and at is not None and at > issued
