@@ -38,7 +38,7 @@ _QUOTED = re.compile(r'"([^"]*)"')
 def validate(conninfo: str) -> dict[str, str]:
     """Parse *conninfo* or raise `psycopg.ProgrammingError` saying what to fix."""
     try:
-        return {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+        params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
     except psycopg.ProgrammingError as exc:
         # libpq quotes the offending token, which may be (part of) a password.
         reason = _QUOTED.sub(lambda m: m[0] if m[1] == "=" else '"..."', str(exc).strip())
@@ -47,6 +47,27 @@ def validate(conninfo: str) -> dict[str, str]:
             "'host=db.example dbname=app user=app', or a URL such as "
             "'postgresql://app@db.example/app'"
         ) from None
+    if _unencoded_userinfo(conninfo):
+        # libpq ends a URL's user:password at its first '@' (or sees none before a '/'):
+        # the rest of such a password would become the host, port or database name, in
+        # every repr, log line and error. Nothing of it is quoted here.
+        raise psycopg.ProgrammingError(
+            "invalid connection string: the URL has a bare '@' or '/' in its user name, "
+            "password or database name, and libpq would read part of it as the host, port "
+            "or database (not shown: it may be the password). Percent-encode them ('@' is "
+            "%40, '/' is %2F), or use key=value pairs ('host=... user=... password=...')"
+        )
+    return params
+
+
+def _unencoded_userinfo(conninfo: str) -> bool:
+    """A ``postgresql://`` URL whose user name or password holds a bare '@' or '/': its
+    authority and path (before any '?') have two '@', or a '/' before the '@'."""
+    match = re.match(r"\s*postgres(?:ql)?://([^?]*)", conninfo)
+    if match is None or "@" not in match[1]:
+        return False
+    rest = match[1]
+    return rest.count("@") > 1 or "/" in rest[: rest.rindex("@")]
 
 
 def apply_defaults(

@@ -11,6 +11,7 @@ server in the background, so that the server stops working on the abandoned quer
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,12 @@ logger = logging.getLogger("aiopg_resilient.pool")
 _CANCEL_TIMEOUT = 5.0
 _background: set[asyncio.Task[None]] = set()
 _INTERRUPTS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+
+
+# The login attempts of the `DriverConnection.connect` running in this context.
+_ATTEMPTS: contextvars.ContextVar[list[PQGenConn[Any]]] = contextvars.ContextVar(
+    "aiopg_resilient_login_attempts"
+)
 
 
 class Owner(Protocol):
@@ -86,9 +93,36 @@ class DriverConnection(AsyncConnection[Any]):
 
     @classmethod
     def _connect_gen(cls, conninfo: str = "", *, timeout: float = 0.0) -> PQGenConn[Any]:
+        gen = cls._login(conninfo, timeout)
+        attempts = _ATTEMPTS.get(None)
+        if attempts is not None:
+            attempts.append(gen)
+        return gen
+
+    @classmethod
+    def _login(cls, conninfo: str, timeout: float) -> PQGenConn[Any]:
         # Login errors with their SQLSTATE (see _login). psycopg < 3.3 passes *timeout*.
         pgconn = yield from start(conninfo, timeout)
         return cls(pgconn)
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> DriverConnection:
+        """psycopg's connect, and a login given up (cancelled, timed out) closes its
+        socket at once: psycopg's wait leaves the login generator suspended, its socket
+        (often a session the server just logged in) open until the garbage collector
+        gets to it."""
+        attempts: list[PQGenConn[Any]] = []
+        token = _ATTEMPTS.set(attempts)
+        try:
+            conn = await super().connect(conninfo, **kwargs)
+        except BaseException:
+            for gen in attempts:
+                gen.close()  # _login.start closes the socket (a no-op once it finished)
+            raise
+        finally:
+            _ATTEMPTS.reset(token)
+        assert isinstance(conn, DriverConnection)
+        return conn
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         # psycopg < 3.3's wait_async() has no timeout parameter.

@@ -14,11 +14,13 @@ adapters of `aiopg_resilient.metrics` are such readers). Two kinds are per opera
 and ``release`` (every borrow's end, given back, dropped or found dead; ``duration`` is
 how long the caller held it). Only readers subscribed with ``per_operation=True`` get
 them, and the pool makes them only while one is subscribed: a pool without such a
-reader pays one attribute read per operation for them, nothing more.
+reader pays one attribute read per operation for them, nothing more. A reader gets a
+borrow's ``release`` only if it got its ``acquire``.
 
-A slow or failing reader never breaks the pool: its exceptions are logged and
-swallowed, and a coroutine function runs as a task of its own (at most 1,000 pending;
-more are dropped and counted).
+A slow or failing reader never breaks the pool: its exceptions (any BaseException) are
+logged and swallowed, except KeyboardInterrupt and SystemExit, which the event loop
+raises right after; a coroutine function runs as a task of its own (at most 1,000
+pending; more are dropped and counted).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class PoolEvent:
 PoolEvent.__module__ = "aiopg_resilient"
 
 OnEvent = Callable[[PoolEvent], None] | Callable[[PoolEvent], Awaitable[None]]
+_Reader = tuple[object, OnEvent, bool]
+"""A subscription: its token, the reader, per operation or not."""
 
 
 class EventStream:
@@ -120,13 +124,17 @@ class EventStream:
         self.last_error: str | None = None
         """The last failed connect or lost connection (class and message); never cleared."""
         self._pending: set[asyncio.Task[Any]] = set()
-        self._readers: list[tuple[object, OnEvent, bool]] = []
+        self._readers: list[_Reader] = []
         self._all: tuple[OnEvent, ...] = ()
         self._per_op: tuple[OnEvent, ...] = ()
+        self._per_op_entries: tuple[_Reader, ...] = ()
         self.per_op = False
         """A reader wants ``acquire``/``release``: the one attribute the per-operation
         path reads when none does."""
-        self._borrowed: dict[Hashable, float] = {}
+        # Review 11: each borrow remembers which readers got its acquire, and only those
+        # (still subscribed) get its release: a reader subscribed mid-borrow used to get
+        # a release for a borrow it never saw start (more releases than acquires).
+        self._borrowed: dict[Hashable, tuple[float, tuple[_Reader, ...]]] = {}
         if on_event is not None:
             self.subscribe(on_event)
 
@@ -145,7 +153,8 @@ class EventStream:
     def _readers_changed(self) -> None:
         # Tuples, replaced whole: a reader may unsubscribe while an event is delivered.
         self._all = tuple(fn for _, fn, _ in self._readers)
-        self._per_op = tuple(fn for _, fn, per_op in self._readers if per_op)
+        self._per_op_entries = tuple(r for r in self._readers if r[2])
+        self._per_op = tuple(fn for _, fn, _ in self._per_op_entries)
         self.per_op = bool(self._per_op)
         if not self.per_op:
             self._borrowed.clear()
@@ -175,17 +184,26 @@ class EventStream:
     def borrowed(self, slot: Hashable, started: float) -> None:
         """*slot* went to a caller that asked for one at *started* (monotonic): an
         ``acquire`` event. Called only while `per_op` is true."""
+        if not self.per_op:
+            # Review 11: a caller that read the flag before waiting for a connection gets
+            # one after the last per-operation reader left: nothing to track (a later
+            # reader would get a release for a borrow it never saw start).
+            return
         now = time.monotonic()
-        self._borrowed[slot] = now
+        self._borrowed[slot] = (now, self._per_op_entries)
         self._send(self._per_op, PoolEvent("acquire", self.pool, time.time(), now - started))
 
     def returned(self, slot: Hashable) -> None:
         """The borrow of *slot* ended (given back, dropped or found dead): a ``release``
-        event, if `borrowed` saw it start. Called only while `per_op` is true."""
-        started = self._borrowed.pop(slot, None)
-        if started is not None:
+        event, if `borrowed` saw it start, for the readers that got its ``acquire`` and
+        are still subscribed. Called only while `per_op` is true."""
+        entry = self._borrowed.pop(slot, None)
+        if entry is not None:
+            started, saw = entry
+            current = self._per_op_entries
+            readers = self._per_op if saw is current else tuple(r[1] for r in saw if r in current)
             held = time.monotonic() - started
-            self._send(self._per_op, PoolEvent("release", self.pool, time.time(), held))
+            self._send(readers, PoolEvent("release", self.pool, time.time(), held))
 
     def _send(self, readers: tuple[OnEvent, ...], event: PoolEvent) -> None:
         for fn in readers:
@@ -193,7 +211,15 @@ class EventStream:
                 result = fn(event)
                 if inspect.isawaitable(result):
                     self._schedule(result)
-            except Exception:
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # Review 11: not raised here (mid-acquire, -release, -loss or -heartbeat it
+                # leaked the connection in hand), nor swallowed: the loop raises it next,
+                # as asyncio does with an interrupt in one of its own callbacks.
+                _raise_soon(exc)
+            except BaseException:
+                # Review 11: any other BaseException too (a cancelled future's result(),
+                # pytest.fail()...), which used to leak the connection in hand. A sync
+                # reader cannot be where its caller is cancelled: it never awaits.
                 logger.exception(
                     "pool %r: an event reader failed on a %r event; ignored", self.pool, event.kind
                 )
@@ -228,9 +254,27 @@ class EventStream:
         task = asyncio.ensure_future(self._guarded(awaitable))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        if inspect.iscoroutine(awaitable):
+            # Review 11: a task cancelled before it started (the pool closed just after
+            # the event) never awaits the reader's coroutine, which then warned "never
+            # awaited" at every shutdown. Closing a finished coroutine does nothing.
+            task.add_done_callback(lambda _: awaitable.close())
 
     async def _guarded(self, awaitable: Awaitable[None]) -> None:
         try:
             await awaitable
         except Exception:
             logger.exception("pool %r: an event reader failed; ignored", self.pool)
+
+
+def _raise_soon(exc: BaseException) -> None:
+    """Raise *exc* from the running loop's next callback (at once without a loop)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise exc from None
+    loop.call_soon(_reraise, exc)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc

@@ -6,12 +6,14 @@ are open at once (one when no pooler is in the path), and logins run one after a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -99,7 +101,8 @@ def connect_timeout(dsn: Dsn, timeout: float) -> str:
 
 async def connect(conninfo: str, timeout: float) -> DriverConnection:
     """A connection in autocommit, no prepared statements (a pooler may be in the path),
-    given up after *timeout* seconds."""
+    given up after *timeout* seconds; an attempt given up closes its socket at once
+    (`DriverConnection.connect`)."""
     with anyio.fail_after(timeout):
         conn = await DriverConnection.connect(conninfo, autocommit=True, prepare_threshold=None)
     assert isinstance(conn, DriverConnection)
@@ -191,7 +194,7 @@ async def _network(dsn: Dsn, report: HostReport, address: str, timeout: float) -
     port = report.target.port
     try:
         with anyio.fail_after(timeout):
-            infos = await anyio.getaddrinfo(address, int(port), type=socket.SOCK_STREAM)
+            infos = await _getaddrinfo(address, int(port))
     except TimeoutError:
         return _with(report, dns_error=f"no answer from DNS for {address} within {timeout:g} s")
     except OSError as exc:
@@ -216,6 +219,35 @@ async def _network(dsn: Dsn, report: HostReport, address: str, timeout: float) -
     name = report.target.host or report.target.hostaddr
     tls = await anyio.to_thread.run_sync(lambda: tls_probe(candidate, port, name, trust, timeout))
     return _with(report, tcp_ms=tcp_ms, tls=tls)
+
+
+async def _getaddrinfo(address: str, port: int) -> list[Any]:
+    """``socket.getaddrinfo`` in a daemon thread of its own, abandoned if the caller gives
+    up. Review 11: asyncio's and anyio's resolver threads are joined when the program
+    ends, so a DNS server that does not answer held the doctor past its --timeout, for as
+    long as the resolver's own timeouts (5 s a try, tries times servers: 10 to 30 s)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[list[Any]] = loop.create_future()
+
+    def settle(result: list[Any] | None, error: BaseException | None) -> None:
+        if answer.done():
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result or [])
+
+    def resolve() -> None:
+        result, error = None, None
+        try:
+            result = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        except Exception as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=resolve, name="aiopg-resilient doctor DNS", daemon=True).start()
+    return await answer
 
 
 def _with(report: HostReport, **changes: Any) -> HostReport:
