@@ -14,9 +14,10 @@ from psycopg.abc import Params
 from ._connector import Configure, Conninfo
 from ._events import OnEvent
 from ._listen import Reconnected
-from ._ops import InDoubt, Query
+from ._ops import InDoubt
 from ._pool import ResilientPool
 from ._retry import RetryPolicy
+from ._statement import Query
 from ._stats import PoolStats
 
 __all__ = ["Reconnected", "ResilientConnection"]

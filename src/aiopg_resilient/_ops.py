@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import psycopg
-from psycopg import AsyncClientCursor, AsyncCursor, AsyncRawCursor, sql
+from psycopg import AsyncClientCursor, AsyncRawCursor
 from psycopg.abc import Params
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
@@ -32,6 +31,7 @@ from ._indoubt import Resolver
 from ._look import Looker
 from ._retry import RetryPolicy
 from ._source import ConnectionSource, Slot
+from ._statement import Query, Statement, all_rows, one_row, rowcount, value
 from ._watch import SilentPeer, watched
 
 __all__ = ["Operations", "Query"]
@@ -40,57 +40,12 @@ logger = logging.getLogger("aiopg_resilient.pool")
 
 T = TypeVar("T")
 R = TypeVar("R")
-Query = str | bytes | sql.SQL | sql.Composed
 InDoubt = Literal["resolve", "raise"]
 Op = Callable[[DriverConnection], Awaitable[T]]
 
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _NOT_IN_A_BLOCK = "25001"  # active_sql_transaction: "cannot run inside a transaction block"
-
-
-async def _all(cur: AsyncCursor[Any]) -> list[Any]:
-    return await cur.fetchall()
-
-
-async def _one(cur: AsyncCursor[Any]) -> Any:
-    return await cur.fetchone()
-
-
-async def _value(cur: AsyncCursor[Any]) -> Any:
-    row = await cur.fetchone()
-    return None if row is None else row[0]
-
-
-async def _rowcount(cur: AsyncCursor[Any]) -> int:
-    return cur.rowcount
-
-
-@dataclass(frozen=True)
-class Statement(Generic[T]):
-    """One statement and how to read its result off the cursor."""
-
-    query: Query
-    params: Params | None
-    collect: Callable[[AsyncCursor[Any]], Awaitable[T]]
-    user_rows: bool = True
-    """Rows in the user's row_factory (fetch, fetchone), or plain tuples (fetchval)."""
-
-    def size(self) -> int:
-        """About how many bytes the request is (for the silent-path watch)."""
-        query = self.query
-        total = len(query) if isinstance(query, (str, bytes)) else 0
-        params = self.params
-        values = params.values() if isinstance(params, Mapping) else params or ()
-        return total + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
-
-    def cursor(self, conn: DriverConnection) -> AsyncCursor[Any]:
-        return conn.cursor() if self.user_rows else conn.cursor(row_factory=tuple_row)
-
-    async def run(self, conn: DriverConnection) -> T:
-        cur = self.cursor(conn)
-        await cur.execute(self.query, self.params)
-        return await self.collect(cur)
 
 
 class Operations:
@@ -133,20 +88,20 @@ class Operations:
         ``idempotent=False`` (a SELECT calling a function that writes) gives the statement
         `execute`'s write-safe treatment instead.
         """
-        return await self._run(Statement(query, params, _all), idempotent)
+        return await self._run(Statement(query, params, all_rows), idempotent)
 
     async def fetchone(
         self, query: Query, params: Params | None = None, *, idempotent: bool = True
     ) -> Any:
         """The first row of *query*, or ``None``; replayed after a connection failure."""
-        return await self._run(Statement(query, params, _one), idempotent)
+        return await self._run(Statement(query, params, one_row), idempotent)
 
     async def fetchval(
         self, query: Query, params: Params | None = None, *, idempotent: bool = True
     ) -> Any:
         """The first column of the first row of *query* (the value itself, whatever the
         ``row_factory``), or ``None``; replayed after a connection failure."""
-        return await self._run(Statement(query, params, _value, user_rows=False), idempotent)
+        return await self._run(Statement(query, params, value, user_rows=False), idempotent)
 
     async def execute(
         self, query: Query, params: Params | None = None, *, idempotent: bool = False
@@ -164,7 +119,7 @@ class Operations:
         `ConnectionLost`. With ``idempotent=True`` the caller vouches that running it
         twice is harmless: it is replayed like a read, in one round trip.
         """
-        return await self._run(Statement(query, params, _rowcount, user_rows=False), idempotent)
+        return await self._run(Statement(query, params, rowcount, user_rows=False), idempotent)
 
     async def _watched(
         self,

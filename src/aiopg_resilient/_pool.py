@@ -26,7 +26,7 @@ from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
 from ._listen import Listeners, Reconnected
 from ._look import Looker
-from ._ops import InDoubt, Query
+from ._ops import InDoubt
 from ._retry import RetryPolicy
 from ._server_state import ServerState
 from ._settings import validate as _validate
@@ -42,6 +42,7 @@ from ._slots import (
     take_idle,
 )
 from ._source import Slot
+from ._statement import Query
 from ._stats import PoolStats
 
 __all__ = ["ResilientPool"]
