@@ -3,8 +3,10 @@ own pytest plugin (aiopg_resilient.testing.pytest_plugin)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -15,6 +17,25 @@ from aiopg_resilient import ResilientPool
 from aiopg_resilient.testing import PostgresServer
 
 _names = itertools.count()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After each test, close the event loop pytest-asyncio may leave set but idle (on
+    Python 3.10 its teardown installs a fresh loop, and asyncio.get_event_loop() makes
+    one): unclosed, it is garbage collected during some later test, whose unraisable
+    ResourceWarning then fails it (seen at the floor versions in CI)."""
+    yield
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = policy.get_event_loop()
+        except RuntimeError:
+            return
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+        policy.set_event_loop(None)
 
 
 @pytest.fixture
