@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, AsyncRawCursor
@@ -48,6 +48,12 @@ _INTRANS = TransactionStatus.INTRANS
 _NOT_IN_A_BLOCK = "25001"  # active_sql_transaction: "cannot run inside a transaction block"
 
 
+class SharedReads(Protocol):
+    """Where reads go when they may share a connection (`_multiplex.Multiplexer`)."""
+
+    async def read(self, stmt: Statement[T]) -> T: ...
+
+
 class Operations:
     """fetch/execute and the write protocol, over a `ConnectionSource`."""
 
@@ -67,6 +73,9 @@ class Operations:
         self.heartbeat_timeout = heartbeat_timeout
         self._rng = rng
         self._events = events
+        self.multiplexer: SharedReads | None = None
+        """Set by the pool with ``multiplex=True``: reads in flight together share
+        connections (`_multiplex`)."""
         self.looker: Looker | None = None
         """Set by the pool: looks at the backends of slow statements (`_watch`)."""
         self._resolver = Resolver(
@@ -131,7 +140,11 @@ class Operations:
         return await watched(conn, op, self.looker, self.heartbeat_timeout, size)
 
     async def _run(self, stmt: Statement[T], idempotent: bool) -> T:
-        return await (self._replay(stmt.run, stmt.size) if idempotent else self._write(stmt))
+        if not idempotent:
+            return await self._write(stmt)
+        if self.multiplexer is not None and stmt.collect is not rowcount:
+            return await self.multiplexer.read(stmt)  # a read: it may share a connection
+        return await self._replay(stmt.run, stmt.size)
 
     async def _replay(self, op: Op[T], size: Callable[[], int] = lambda: 0) -> T:
         """Run *op*, replaying it on a fresh connection after a failure of the connection

@@ -26,6 +26,7 @@ from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
 from ._listen import Listeners, Reconnected
 from ._look import Looker
+from ._multiplex import attach
 from ._ops import InDoubt
 from ._retry import RetryPolicy
 from ._server_state import ServerState
@@ -43,7 +44,7 @@ from ._slots import (
 )
 from ._source import Slot
 from ._statement import Query
-from ._stats import PoolStats
+from ._stats import PoolStats, snapshot
 
 __all__ = ["ResilientPool"]
 
@@ -94,6 +95,7 @@ class ResilientPool:
         max_connecting: int = 2,
         probe_interval: float = PROBE_INTERVAL,
         on_event: OnEvent | None = None,
+        multiplex: bool | None = None,
     ) -> None:
         _validate(
             min_size=min_size,
@@ -138,6 +140,7 @@ class ResilientPool:
         # waiter (and a loop timer for its deadline) costs a fraction of an anyio Event
         # plus a cancel scope, on the path every caller takes when the pool is busy.
         self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self._proxies: set[asyncio.Future[Slot]] = set()  # those of multiplexer drivers
         self._connecting = 0
         self._rng = random.Random()
         self._server = ServerState(self._rng)
@@ -161,6 +164,7 @@ class ResilientPool:
         )
         self._ops._block_autocommit = self._block_autocommit
         self._ops.looker = self._looker = Looker(self._connector.connect_to, heartbeat_timeout)
+        self._ops.multiplexer = self._multiplexer = attach(self, multiplex)
 
     @property
     def _target(self) -> str:
@@ -287,6 +291,8 @@ class ResilientPool:
             return
         self._closed = True
         # What needs no waiting first, so a cancelled close() still closes it all.
+        if self._multiplexer is not None:
+            self._multiplexer.close()
         fail_waiters(self, PoolClosed(f"pool {self.name!r} was closed"))
         while self._idle:
             await self._close_slot(self._idle.pop())  # never suspends
@@ -322,19 +328,7 @@ class ResilientPool:
     @property
     def stats(self) -> PoolStats:
         """A frozen snapshot of the pool's counts and counters."""
-        return PoolStats(
-            name=self.name,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            size=len(self._slots),
-            idle=len(self._idle),
-            in_use=len(self._slots) - len(self._idle),
-            connecting=self._connecting,
-            waiting=len(self._waiters),
-            down=self._server.down,
-            last_error=self._events.last_error,
-            **self._events.counters,
-        )
+        return snapshot(self)
 
     def subscribe(self, fn: OnEvent, *, per_operation: bool = False) -> Callable[[], None]:
         """Call *fn* with every later `PoolEvent`, as ``on_event`` (which may be a
@@ -362,8 +356,8 @@ class ResilientPool:
     async def _take_idle(self) -> Slot | None:
         return await take_idle(self)
 
-    async def _acquire(self, deadline: float) -> Slot:
-        return await acquire(self, deadline)
+    async def _acquire(self, deadline: float, since: float | None = None) -> Slot:
+        return await acquire(self, deadline, since)
 
     async def _release(self, slot: Slot) -> None:
         await release(self, slot)

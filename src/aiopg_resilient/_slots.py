@@ -117,8 +117,10 @@ async def take_idle(pool: ResilientPool) -> Slot | None:
     return None
 
 
-async def acquire(pool: ResilientPool, deadline: float) -> Slot:
-    """A live connection, waiting at most until *deadline* (monotonic)."""
+async def acquire(pool: ResilientPool, deadline: float, since: float | None = None) -> Slot:
+    """A live connection, waiting at most until *deadline* (monotonic). With *since*, a
+    multiplexer's driver waits for the queued read that began waiting then: its wait is
+    that read's, and it is not a caller (``stats.waiting`` counts the read instead)."""
     if not pool._opened or pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is {'closed' if pool._closed else 'not open'}")
     events = pool._events
@@ -143,10 +145,13 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
     waiter: asyncio.Future[Slot] = loop.create_future()
     failures_before = pool._events.counters["connect_failures"]
     pool._waiters.append(waiter)
+    if since is not None:
+        pool._proxies.add(waiter)
     pool._wake_connector()
     now = time.monotonic()
     down = pool._server.down
-    wait = deadline - now if down else min(deadline - now, pool.acquire_timeout)
+    patience = pool.acquire_timeout - (0.0 if since is None else now - since)
+    wait = deadline - now if down else min(deadline - now, patience)
     timer = loop.call_later(max(wait, 0.0), _expire, waiter)
     try:
         slot = await waiter
@@ -177,6 +182,7 @@ async def acquire(pool: ResilientPool, deadline: float) -> Slot:
         ) from pool._server.held()
     finally:
         timer.cancel()
+        pool._proxies.discard(waiter)
 
 
 async def release(pool: ResilientPool, slot: Slot) -> None:

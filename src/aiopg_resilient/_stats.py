@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["PoolStats"]
+__all__ = ["PoolStats", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,26 @@ class PoolStats:
     """In-doubt commits whose outcome was established through the transaction id."""
     commits_unknown: int
     last_error: str | None
+
+
+def snapshot(pool: Any) -> PoolStats:
+    """*pool*'s `PoolStats` now. ``waiting`` counts callers: the reads a multiplexer
+    queued, and the waiters for a connection but its drivers (which wait for them)."""
+    waiters = pool._waiters
+    proxies = pool._proxies
+    waiting = len(waiters) - (sum(1 for w in waiters if w in proxies) if proxies else 0)
+    if pool._multiplexer is not None:
+        waiting += pool._multiplexer.queued
+    return PoolStats(
+        name=pool.name,
+        min_size=pool.min_size,
+        max_size=pool.max_size,
+        size=len(pool._slots),
+        idle=len(pool._idle),
+        in_use=len(pool._slots) - len(pool._idle),
+        connecting=pool._connecting,
+        waiting=waiting,
+        down=pool._server.down,
+        last_error=pool._events.last_error,
+        **pool._events.counters,
+    )
