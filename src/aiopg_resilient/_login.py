@@ -19,12 +19,9 @@ classified by their English text.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
 import re
-import sys
 import time
 from typing import Any
 
@@ -33,6 +30,8 @@ from psycopg import errors, pq
 from psycopg.abc import PQGenConn
 from psycopg.pq import ConnStatus, PollingStatus
 from psycopg.waiting import Wait
+
+from . import _libpq as libpq
 
 __all__ = ["LoginError", "login_error", "refused_at_login", "start"]
 
@@ -50,35 +49,8 @@ _LOCATION = re.compile(r"^[^\n]*, [\w.]+\.c ?: ?\d+$\n?", re.MULTILINE)
 _TRANSIENT_CLASSES = ("08", "53", "57")
 
 
-@functools.cache
-def _set_verbosity() -> Any:
-    """libpq's PQsetErrorVerbosity, looked up in the libpq psycopg itself uses, or None."""
-    try:
-        if pq.__impl__ == "python":
-            from psycopg.pq import _pq_ctypes
-
-            func = getattr(_pq_ctypes, "pq").PQsetErrorVerbosity  # noqa: B009 (untyped)
-        else:
-            # psycopg's compiled module links its libpq: a symbol looked up through its
-            # handle is that libpq's, whatever other libpq the process has loaded.
-            module = sys.modules.get(f"psycopg_{pq.__impl__}.pq")
-            path = getattr(module, "__file__", None)
-            if path is None:
-                return None
-            func = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).PQsetErrorVerbosity
-    except (ImportError, OSError, AttributeError) as exc:
-        logger.debug("libpq's PQsetErrorVerbosity not found (%s): login errors by text", exc)
-        return None
-    func.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    func.restype = ctypes.c_int
-    return func
-
-
 def _verbosity(pgconn: pq.abc.PGconn, level: int) -> None:
-    func = _set_verbosity()
-    pointer = getattr(pgconn, "pgconn_ptr", None)  # in every implementation, not the abc
-    if func is not None and pointer is not None:
-        func(pointer, level)
+    libpq.call("PQsetErrorVerbosity", pgconn, level)
 
 
 class LoginError(psycopg.OperationalError):
