@@ -8,7 +8,8 @@ trip for the lot; each caller then gets its own answer. Writes, blocks and LISTE
 come here, nor a read made inside a block (it keeps the block's own rules).
 
 How much is shared follows how long the reads take (a moving average of the time per
-statement of each batch, and of each direct read):
+statement of each batch; a direct read's time is mostly its wait under load, not its
+cost, and is not counted):
 
 - short reads (under `SHORT`, the usual point lookups): only a read alone goes direct,
   and a driver sends everything queued at once: the fewest round trips and connections;
@@ -17,27 +18,15 @@ statement of each batch, and of each direct read):
   long reads run side by side on several connections instead of one after another on
   one (the server runs a pipeline's statements in order).
 
-Every guarantee of a read holds:
-
-- the connection is lost with reads in flight: each of them is replayed through its
-  caller's own retry budget and backoff, as a direct read is;
-- one statement fails (a SQL error aborts the rest of the pipeline up to the Sync): its
-  caller gets its error; those before it have their answers; those after it are sent
-  again at once, with no backoff and no attempt counted;
-- a caller cancelled before its statement is sent leaves the queue; after, its answer is
-  read and thrown away: the other callers see nothing of it. A driver waiting for a
-  connection for nobody stops waiting;
-- a queued read waits for a connection as long as a direct one would (``PoolTimeout``,
-  `DatabaseUnavailable`, a configuration error, each caller its own copy);
-- a batch is watched for a silent path like any statement (`_watch`), and its
-  connection is a pooled connection like any other (heartbeat, lifetime, counts);
-  ``stats.waiting`` counts the queued reads, not the drivers;
-- anything a batch leaves unexplained (neither a statement's error nor visibly the
-  connection's) drops the connection and replays the reads; a read that meets it twice
-  gets the error.
-
-The statements of one batch run in one implicit transaction (PostgreSQL's rule up to a
-Sync): they see the same ``now()``, as the statements of one simple query do.
+Every guarantee of a read holds (the README, "Multiplexed reads", lists how): a read
+in a batch whose connection is lost is replayed through its caller's own budget; a
+statement's error reaches its caller only, the others in its batch are sent again (see
+`_pipeline`); a caller gone before its statement is sent leaves the queue, after it its
+answer is thrown away, and a batch all of whose callers are gone is abandoned as a
+direct read is; a queued read waits as long as a direct one would, then hears why; a
+driver gives its connection back between batches when another caller waits for one or
+the connection is past its lifetime; ``stats.waiting`` counts queued reads, not drivers.
+A driver whose batch is held up by a long read (over `_STUCK`) gets company.
 """
 
 from __future__ import annotations
@@ -45,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import copy
 import logging
 import os
 import random
@@ -57,11 +45,12 @@ from typing import Any, TypeVar
 from ._attempts import Attempts
 from ._blocks import held_here
 from ._driver import DriverConnection
-from ._errors import Failure, PoolClosed, classify
+from ._errors import Failure, PoolClosed, PoolTimeout, classify
 from ._events import EventStream
 from ._failures import failure_of
-from ._pipeline import Again, Batch, Request, settle
+from ._pipeline import Again, Batch, Request, copy_error, settle, several
 from ._retry import RetryPolicy
+from ._slots import gave_up
 from ._source import Slot
 from ._statement import Statement
 
@@ -75,6 +64,9 @@ _MAX_BATCH = 128
 SHORT = 0.001
 """Seconds per statement under which reads count as short (see `Multiplexer.short`)."""
 _PER_DRIVER = 32
+"""Short reads: one driver per this many queued reads (one round trip carries them)."""
+_STUCK = 0.05
+"""Seconds after which a driver's batch counts as held up by a long read (`_start_driver`)."""
 """Short reads: one driver per this many queued reads (one round trip carries them)."""
 ENV = "AIOPG_RESILIENT_MULTIPLEX"
 
@@ -107,10 +99,14 @@ class Multiplexer:
         self._queue: deque[Request] = deque()
         self._running: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()
+        self._busy: dict[asyncio.Task[None], tuple[list[Request], float]] = {}
+        """Drivers mid-batch: their batch, and when they sent it."""
+        self._recheck: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._direct = 0
         self._cost: float | None = None
-        """Seconds per statement of the batches and direct reads so far (a moving
-        average); None: not known yet, taken as long."""
+        """Seconds per statement of the batches so far (a moving average); None: not
+        known yet, taken as long."""
 
     @property
     def queued(self) -> int:
@@ -121,15 +117,12 @@ class Multiplexer:
         """*stmt*'s answer: on a connection of its own while few reads are in flight (or
         inside a block), else in a pipeline."""
         limit = 1 if self.short else self.direct_limit
-        if (not self._queue and self._direct < limit) or self._holding():
+        if (not self._queue and self._direct < limit) or self._holding() or several(stmt):
             self._direct += 1
-            started = time.monotonic()
             try:
-                result = await self._direct_read(stmt)
+                return await self._direct_read(stmt)  # type: ignore[no-any-return]
             finally:
                 self._direct -= 1
-            self._learn(time.monotonic() - started)  # direct reads teach the pace too
-            return result  # type: ignore[no-any-return]
         return await self._queued(stmt)
 
     @property
@@ -153,9 +146,12 @@ class Multiplexer:
         while True:
             if self._pool._closed:
                 raise PoolClosed(f"pool {self._pool.name!r} is closed")
-            request = Request(stmt, attempts, time.monotonic(), loop.create_future())
+            now = time.monotonic()
+            request = Request(stmt, attempts, now, loop.create_future())
             self._queue.append(request)
             self._start_driver()
+            if self._watchdog is None:
+                self._arm(now)
             try:
                 outcome = await request.future
             except BaseException:
@@ -163,12 +159,10 @@ class Multiplexer:
                 raise
             if not isinstance(outcome, Again):
                 return outcome  # type: ignore[no-any-return]
-            if outcome.direct:
+            if outcome.direct or (outcome.unexplained and unexplained):
+                # Twice unexplained: on a connection of its own, it meets its own fate.
                 return await self._direct_read(stmt)  # type: ignore[no-any-return]
-            if outcome.unexplained:
-                if unexplained:
-                    raise outcome.error  # twice: not the connection's, this read's own
-                unexplained = True
+            unexplained = unexplained or outcome.unexplained
             if outcome.backoff:
                 self._events.emit("retry", error=outcome.error)
                 await attempts.again(outcome.error)
@@ -179,6 +173,11 @@ class Multiplexer:
         request.future.cancel()  # a batch in flight throws its answer away
         with contextlib.suppress(ValueError):
             self._queue.remove(request)
+        for task, (batch, _) in self._busy.items():
+            if request in batch and all(r.future.done() for r in batch):
+                # Every caller of a batch in flight is gone: abandon it as a direct read
+                # is (the query cancelled, the connection dropped), not let it run on.
+                task.cancel()
         if not self._queue:
             for task in self._acquiring:
                 task.cancel()  # waiting for a connection for nobody
@@ -186,11 +185,22 @@ class Multiplexer:
     def _start_driver(self) -> None:
         if self._pool._closed:
             return
-        if len(self._running) < min(self.drivers, self._wanted()):
-            # A context of its own: nothing of the caller's (the blocks it runs in, a
-            # login's bookkeeping) may leak into a task that serves every caller.
-            task = contextvars.Context().run(asyncio.ensure_future, self._drive())
-            self._running.add(task)
+        running = len(self._running)
+        if running >= self.drivers:
+            return
+        # A driver whose batch has been out longer than _STUCK (a long read in it) will
+        # not be back soon: reads queued meanwhile get another driver, not wait for it.
+        now = time.monotonic()
+        if running - self._stuck(now) >= self._wanted():
+            if self._busy and self._recheck is None:
+                first = min(sent for _, sent in self._busy.values())
+                loop = asyncio.get_running_loop()
+                self._recheck = loop.call_later(first + _STUCK - now, self._rechecked)
+            return
+        # A context of its own: nothing of the caller's (the blocks it runs in, a login's
+        # bookkeeping) may leak into a task that serves every caller.
+        task = contextvars.Context().run(asyncio.ensure_future, self._drive())
+        self._running.add(task)
 
     async def _drive(self) -> None:
         task = asyncio.current_task()
@@ -231,7 +241,9 @@ class Multiplexer:
                 due = min(due, request.since + pool.acquire_timeout)
             if request is head or now >= due:
                 self._queue.remove(request)
-                settle(request, exc=exc if request is head else _copy(exc))
+                if isinstance(exc, PoolTimeout) and not request.future.done():
+                    pool._events.emit("acquire_timeout", duration=now - request.since)
+                settle(request, exc=exc if request is head else copy_error(exc))
 
     async def _serve(self, slot: Slot) -> None:
         """Send batches on *slot* while reads are queued; give it back."""
@@ -242,10 +254,13 @@ class Multiplexer:
                     # The callers just answered run now: their next reads join this
                     # connection's next batch instead of waking a new driver.
                     await asyncio.sleep(0)
-                if not self._queue or self._surplus():
+                if not self._queue or self._surplus() or self._yields(slot):
                     break
                 batch = self._take()
                 started = time.monotonic()
+                task = asyncio.current_task()
+                assert task is not None
+                self._busy[task] = (batch, started)
                 try:
                     await self._watch(slot.conn, Batch(batch), lambda: 0)
                 except Exception as exc:
@@ -263,10 +278,12 @@ class Multiplexer:
                             exc,
                         )
                     for request in batch:
-                        again = Again(_copy(exc), unexplained=not lost)
+                        again = Again(copy_error(exc), unexplained=not lost)
                         settle(request, again=again)
                     await (self._pool._lost(slot, exc) if lost else self._pool._discard(slot))
                     return
+                finally:
+                    self._busy.pop(task, None)
                 self._learn((time.monotonic() - started) / len(batch))
                 batch = []
         except BaseException as exc:
@@ -275,6 +292,11 @@ class Multiplexer:
             await self._pool._discard(slot)  # its state is unknown
             raise
         await self._pool._release(slot)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        if self._queue:
+            self._start_driver()
 
     def _wanted(self) -> int:
         """How many drivers the queue needs: short reads, one per `_PER_DRIVER` queued
@@ -290,7 +312,53 @@ class Multiplexer:
     def _surplus(self) -> bool:
         """Short reads, and more drivers run than the queue wants: this one gives its
         connection back (with long reads, every driver with a connection takes a share)."""
-        return self.short and len(self._running) > max(1, min(self.drivers, self._wanted()))
+        running = len(self._running) - self._stuck(time.monotonic())
+        return self.short and running > max(1, min(self.drivers, self._wanted()))
+
+    def _stuck(self, now: float) -> int:
+        """Drivers whose batch has been out longer than `_STUCK`: not coming back soon."""
+        return sum(1 for _, sent in self._busy.values() if now - sent >= _STUCK)
+
+    def _yields(self, slot: Slot) -> bool:
+        """Give the connection back between batches, as every borrower does: a caller
+        that is not a driver waits for one (a write, a block: no starving them), or the
+        connection is past its lifetime."""
+        pool = self._pool
+        if slot.expires is not None and time.monotonic() >= slot.expires:
+            return True
+        proxies = pool._proxies
+        return any(w not in proxies for w in pool._waiters)
+
+    def _due(self, request: Request) -> float:
+        """When *request* stops waiting in the queue: as long as a direct read waits
+        for a connection (its whole budget while the server is down)."""
+        if self._pool._server.down:
+            return request.attempts.deadline
+        patience: float = self._pool.acquire_timeout
+        return min(request.attempts.deadline, request.since + patience)
+
+    def _arm(self, now: float) -> None:
+        """One timer for the whole queue, at the soonest due (the oldest read, mostly):
+        a timer per read cost a twentieth of the throughput."""
+        if self._queue:
+            due = min(self._due(request) for request in self._queue)
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(max(due - now, 0.0), self._patrol)
+
+    def _patrol(self) -> None:
+        self._watchdog = None
+        now = time.monotonic()
+        for request in list(self._queue):
+            if now >= self._due(request):
+                self._late(request, now)
+        self._arm(now)
+
+    def _late(self, request: Request, now: float) -> None:
+        """*request* waited in the queue as long as a direct read waits for a connection
+        (its drivers busy, or waiting for a connection themselves): it hears why, as a
+        direct read would (`_slots.acquire`)."""
+        self._queue.remove(request)
+        settle(request, exc=gave_up(self._pool, now - request.since, 1, count=True))
 
     def _take(self) -> list[Request]:
         """The next batch, oldest first: everything queued while reads are short (the
@@ -302,17 +370,7 @@ class Multiplexer:
 
     def _fail_all(self, exc: BaseException) -> None:
         while self._queue:
-            settle(self._queue.popleft(), exc=_copy(exc))
-
-
-def _copy(exc: BaseException) -> BaseException:
-    """A copy of *exc* for one more caller: tracebacks of different tasks stay apart."""
-    try:
-        twin = copy.copy(exc)
-    except Exception:  # an exception type that cannot be rebuilt from its args
-        return exc
-    twin.__cause__ = exc.__cause__
-    return twin
+            settle(self._queue.popleft(), exc=copy_error(exc))
 
 
 def attach(pool: Any, multiplex: bool | None) -> Multiplexer | None:

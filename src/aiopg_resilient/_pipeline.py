@@ -1,47 +1,58 @@
-"""One pipelined batch of reads: every statement, one Sync, each caller its own answer.
+"""One pipelined batch of reads: a read-only guard, every statement, one Sync; each
+caller its own answer.
+
+The statements up to a Sync share one implicit transaction. So a batch starts with
+`READ_ONLY`: a write put through a read call (``fetchval("INSERT ... RETURNING id")``,
+``nextval``) fails there with 25006 and runs on a connection of its own instead, as
+without multiplexing. And when a statement fails, the transaction is rolled back under
+the statements before it too (a ``pg_notify`` among them would be lost): its caller gets
+its error, and every other statement is sent again. A deadlock (40P01, which a
+neighbour's lock held to the end of the batch may cause) runs the read on a connection of
+its own. Each cursor records the error of its own result, so an error reaches the caller
+whose statement raised it; rows are made in the caller's row factory only when its answer
+is read, so a row factory that fails reaches its caller only.
 
 Pure protocol work on one connection, for `_multiplex`: what the batch cannot settle
-itself (the connection failed) is raised for the caller of `run_batch` to handle.
+itself (the connection failed) is raised for the caller of `Batch` to handle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import AsyncCursor
+from psycopg.rows import tuple_row
 
 from ._attempts import Attempts
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import Failure, classify
 from ._statement import Statement
 
-__all__ = ["READ_ONLY", "Again", "Request", "run_batch", "settle"]
+__all__ = ["READ_ONLY", "Again", "Batch", "Request", "copy_error", "settle", "several"]
 
 READ_ONLY = "SELECT set_config('transaction_read_only', 'on', true)"
-"""The first statement of every batch. The statements up to a Sync share one implicit
-transaction, so a statement's error rolls back those before it: were one of them a write
-(``fetchval("INSERT ... RETURNING id")``), it would be lost after its caller had its
-answer. Read-only, a batch has nothing to lose: a write in it fails (25006) and runs on
-a connection of its own instead."""
-_READ_ONLY_SQLSTATE = "25006"
+"""The first statement of every batch (see the module doc)."""
+_ON_ITS_OWN = frozenset({"25006", "40P01"})
+"""A write refused by the read-only batch; a deadlock the batch's own locks may cause."""
 
 
 @dataclass(frozen=True)
 class Again:
-    """Send the statement again: *error* lost its connection (after a backoff), or
-    another statement's error aborted it (``backoff=False``: at once, not an attempt)."""
+    """Send the statement again: *error* lost its connection (after a backoff), or it
+    was not sent (``backoff=False``: at once, not an attempt)."""
 
     error: BaseException
     backoff: bool = True
     unexplained: bool = False
-    direct: bool = False
-    """The statement tried to write (25006 in the batch's read-only transaction): it is
-    not a read, and runs on a connection of its own, as without multiplexing."""
     """The batch failed neither by a statement nor visibly by the connection: its
     connection was dropped; a second such failure of the same read reaches its caller."""
+    direct: bool = False
+    """Run it on a connection of its own, as without multiplexing: a write (25006 in the
+    read-only batch), or a deadlock its batch may have caused (40P01)."""
 
 
 @dataclass(eq=False)
@@ -78,81 +89,74 @@ class Batch:
 
     def __init__(self, requests: list[Request]) -> None:
         self.requests = requests
+        self._sent: list[tuple[Request, AsyncCursor[Any]]] = []
 
     async def __call__(self, conn: DriverConnection) -> None:
-        await run_batch(conn, self.requests)
-
-
-async def run_batch(conn: DriverConnection, requests: list[Request]) -> None:
-    """Send *requests* in one pipeline and settle each: its answer, its own error (of the
-    statement, or of the client before sending, e.g. a wrong number of parameters), or
-    `Again` when another statement's error aborted it. A failure of the connection
-    (nothing attributable to one statement) is raised, the requests it hit unsettled."""
-    sent: list[tuple[Request, AsyncCursor[Any]]] = []
-    error: psycopg.Error | None = None
-    unsent = len(requests)  # where the requests never sent begin
-    guard = tuple_cursor(conn)
-    try:
-        async with conn.pipeline() as pipeline:
-            await guard.execute(READ_ONLY, prepare=False)
-            for index, request in enumerate(requests):
-                cur = request.stmt.cursor(conn)
-                try:
-                    # No server-side prepare: a PREPARE aborted with the batch would leave
-                    # psycopg naming a statement the server never kept.
-                    await cur.execute(request.stmt.query, request.stmt.params, prepare=False)
-                except psycopg.Error as exc:
-                    if _statement_error(exc):
-                        error = exc  # an earlier statement's, found while sending
-                        unsent = index
-                        break
-                    if conn.closed or conn.broken or isinstance(exc, psycopg.OperationalError):
-                        raise
-                    settle(request, exc=exc)  # refused by the client: nothing was sent
-                    continue
-                except Exception as exc:
-                    settle(request, exc=exc)  # e.g. a parameter no dumper adapts
-                    continue
-                sent.append((request, cur))
-            if error is None:
-                await pipeline.sync()
-    except psycopg.Error as exc:
-        # The first statement error (at the Sync, at the pipeline's end, or found while
-        # sending), or PipelineAborted for a statement it aborted.
-        if not _statement_error(exc):
-            raise
-        if error is None or isinstance(error, psycopg.errors.PipelineAborted):
-            error = exc
-    if error is not None and guard.pgresult is None:
-        raise error  # the batch's own first statement failed: not any caller's error
-    for request in requests[unsent:]:
-        settle(request, again=Again(error or Exception("not sent"), backoff=False))
-    await _answer(sent, error)
-
-
-async def _answer(
-    sent: list[tuple[Request, AsyncCursor[Any]]], error: psycopg.Error | None
-) -> None:
-    failed = error is not None
-    for request, cur in sent:
-        if failed and cur.pgresult is None:
-            # The first statement without a result is the one that failed; those after
-            # it were aborted by it (PostgreSQL skips to the Sync).
-            if error is not None and error.sqlstate == _READ_ONLY_SQLSTATE:
-                settle(request, again=Again(error, backoff=False, direct=True))
-                error = None
-            elif error is not None:
-                settle(request, exc=error)
-                error = None
-            else:
-                settle(request, again=Again(Exception("aborted"), backoff=False))
-            continue
+        """Send the guard and every statement, one Sync, then settle every request. A
+        failure of the connection is raised, the requests sent left unsettled."""
+        sent = self._sent
+        guard = tuple_cursor(conn)
         try:
-            value = await request.stmt.collect(cur)
-        except Exception as exc:
-            settle(request, exc=exc)
-        else:
-            settle(request, value=value)
+            async with conn.pipeline() as pipeline:
+                await guard.execute(READ_ONLY, prepare=False)
+                for request in self.requests:
+                    cur = _recording(conn, request.stmt.user_rows)
+                    try:
+                        await cur.execute(request.stmt.query, request.stmt.params, prepare=False)
+                    except psycopg.Error as exc:
+                        if not _statement_error(exc):
+                            if conn.closed or conn.broken or classify(exc) is Failure.CONNECTION:
+                                raise
+                            settle(request, exc=exc)  # refused by the client: not sent
+                            continue
+                        # A statement's error (this one's or an earlier one's), found as
+                        # the pipeline read what had come back: this one was sent.
+                    except Exception as exc:
+                        settle(request, exc=exc)  # e.g. a parameter no dumper adapts
+                        continue
+                    sent.append((request, cur))
+                try:
+                    await pipeline.sync()
+                except psycopg.Error as exc:
+                    if not _statement_error(exc):
+                        raise
+                    # On its cursor; the block ends clean, so the pipeline is left idle.
+        except psycopg.Error as exc:
+            if not _statement_error(exc):
+                raise  # each statement error is on its cursor: only this is the batch's
+        for _, cur in sent:
+            error = _error_of(cur)
+            if error is not None and not _statement_error(error):
+                raise error  # 57P01 and the like: the session ended under the batch
+        if guard.pgresult is None:
+            raise _error_of(guard) or psycopg.OperationalError("the batch's guard failed")
+        await self._answer()
+
+    async def _answer(self) -> None:
+        errors = [_error_of(cur) for _, cur in self._sent]
+        failed = any(e is not None and not _aborted(e) for e in errors)
+        for (request, cur), error in zip(self._sent, errors, strict=True):
+            if error is not None and not _aborted(error):
+                if error.sqlstate in _ON_ITS_OWN:
+                    settle(request, again=Again(error, backoff=False, direct=True))
+                else:
+                    settle(request, exc=error)
+                continue
+            if failed or cur.pgresult is None:
+                # Rolled back with the failed statement, or aborted by it: again.
+                settle(request, again=Again(error or Exception("rolled back"), backoff=False))
+                continue
+            try:
+                cur.row_factory = cur.wanted_rows  # type: ignore[attr-defined]
+                value = await request.stmt.collect(cur)
+            except Exception as exc:
+                settle(request, exc=exc)
+            else:
+                settle(request, value=value)
+
+
+def _aborted(error: psycopg.Error) -> bool:
+    return isinstance(error, psycopg.errors.PipelineAborted)
 
 
 def _statement_error(exc: psycopg.Error) -> bool:
@@ -161,3 +165,59 @@ def _statement_error(exc: psycopg.Error) -> bool:
     if isinstance(exc, psycopg.errors.PipelineAborted):
         return True
     return exc.sqlstate is not None and classify(exc) is not Failure.CONNECTION
+
+
+_RECORDING: dict[type[Any], type[Any]] = {}
+
+
+def _recording(conn: DriverConnection, user_rows: bool) -> AsyncCursor[Any]:
+    """A cursor of the user's cursor factory that keeps the error of its own result (the
+    pipeline raises only the first error of each round it reads, so errors cannot be
+    matched to statements by order), its rows wanted in the user's row factory."""
+    base = conn.cursor_factory
+    kind = _RECORDING.get(base)
+    if kind is None:
+
+        def _check_results(self: Any, results: Any) -> None:
+            try:
+                base._check_results(self, results)
+            except psycopg.Error as exc:
+                self.own_error = exc
+                raise
+
+        kind = _RECORDING[base] = type(f"Recording{base.__name__}", (base,), {})
+        kind._check_results = _check_results
+    # Rows are made in the caller's row factory only when its answer is read (`_answer`):
+    # a row factory that fails on a result (namedtuple_row on duplicate column names)
+    # would fail inside the pipeline's reading, in whichever statement came next.
+    recording: AsyncCursor[Any] = kind(conn, row_factory=tuple_row)
+    recording.wanted_rows = conn.row_factory if user_rows else tuple_row  # type: ignore[attr-defined]
+    return recording
+
+
+def _error_of(cur: AsyncCursor[Any]) -> psycopg.Error | None:
+    error: psycopg.Error | None = getattr(cur, "own_error", None)
+    return error
+
+
+def several(stmt: Statement[Any]) -> bool:
+    """A text without parameters that may hold several statements: psycopg sends it as a
+    simple query alone, which a pipeline cannot (extended protocol only)."""
+    if stmt.params is not None:
+        return False
+    query = stmt.query
+    if isinstance(query, bytes):
+        query = query.decode(errors="replace")
+    if not isinstance(query, str):
+        return True  # composed SQL: sent direct, rather than rendered here to look
+    return ";" in query.strip().rstrip(";")
+
+
+def copy_error(exc: BaseException) -> BaseException:
+    """A copy of *exc* for one more caller: tracebacks of different tasks stay apart."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        return exc
+    twin.__cause__ = exc.__cause__
+    return twin

@@ -33,6 +33,7 @@ __all__ = [
     "close_slot",
     "discard",
     "fail_waiters",
+    "gave_up",
     "lost",
     "new_slot",
     "put",
@@ -167,22 +168,39 @@ async def acquire(pool: ResilientPool, deadline: float, since: float | None = No
                 pool._waiters.remove(waiter)
         if not isinstance(exc, _Expired):
             raise
-        last_error = pool._server.last_error
-        if pool._server.down or (last_error is not None and len(pool._slots) == 0):
-            raise DatabaseUnavailable(
-                f"database {pool._target} unreachable: {last_error}",
-                attempts=max(1, pool._events.counters["connect_failures"] - failures_before),
-                last_error=last_error,
-            ) from last_error
-        pool._events.emit("acquire_timeout", duration=wait)
-        raise PoolTimeout(
-            f"no connection free in pool {pool.name!r} within {wait:.3f}s "
-            f"(size={len(pool._slots)}, max_size={pool.max_size}, "
-            f"waiting={len(pool._waiters)})"
-        ) from pool._server.held()
+        attempts = pool._events.counters["connect_failures"] - failures_before
+        # A driver's wait is counted per read it failed (_multiplex).
+        error = gave_up(pool, wait, attempts, count=since is None)
+        raise error from error.__cause__
     finally:
         timer.cancel()
         pool._proxies.discard(waiter)
+
+
+def gave_up(pool: ResilientPool, waited: float, attempts: int, *, count: bool) -> Exception:
+    """Why a caller that waited *waited* seconds for a connection got none: the server is
+    unreachable (`DatabaseUnavailable`), or every connection stayed busy (``PoolTimeout``,
+    an ``acquire_timeout`` event when *count*)."""
+    last_error = pool._server.last_error
+    error: Exception
+    if pool._server.down or (last_error is not None and len(pool._slots) == 0):
+        error = DatabaseUnavailable(
+            f"database {pool._target} unreachable: {last_error}",
+            attempts=max(1, attempts),
+            last_error=last_error,
+        )
+        error.__cause__ = last_error
+    else:
+        if count:
+            pool._events.emit("acquire_timeout", duration=waited)
+        error = PoolTimeout(
+            f"no connection free in pool {pool.name!r} within {waited:.3f}s "
+            f"(size={len(pool._slots)}, max_size={pool.max_size}, "
+            f"waiting={pool.stats.waiting})"
+        )
+        error.__cause__ = pool._server.held()
+    error.__suppress_context__ = True
+    return error
 
 
 async def release(pool: ResilientPool, slot: Slot) -> None:
