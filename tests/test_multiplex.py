@@ -12,10 +12,14 @@ import pytest
 from psycopg.rows import dict_row
 
 from aiopg_resilient import ResilientPool
-from aiopg_resilient._multiplex import ENV
+from aiopg_resilient._multiplex_switch import ENV, PIPELINES_PAY
 from aiopg_resilient.testing import ChaosProxy, PostgresServer
 
 from .conftest import pool_for
+
+pytestmark = pytest.mark.skipif(
+    not PIPELINES_PAY, reason="multiplexed reads need psycopg >= 3.3 (README)"
+)
 
 TASKS = 48
 

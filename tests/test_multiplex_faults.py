@@ -15,9 +15,14 @@ import pytest
 from psycopg.rows import dict_row
 
 from aiopg_resilient import DatabaseUnavailable, PoolClosed, PoolTimeout, RetryPolicy
+from aiopg_resilient._multiplex_switch import PIPELINES_PAY
 from aiopg_resilient.testing import PostgresServer
 
 from .conftest import backends, pool_for, until
+
+pytestmark = pytest.mark.skipif(
+    not PIPELINES_PAY, reason="multiplexed reads need psycopg >= 3.3 (README)"
+)
 
 PAIR = "SELECT pg_backend_pid(), now()::text FROM pg_sleep(0.001)"
 

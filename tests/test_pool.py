@@ -287,3 +287,20 @@ async def test_no_password_in_repr_stats_or_logs(
     texts += [repr(bad), str(bad.stats), str(info.value), caplog.text]
     for text in texts:
         assert pg.password not in text
+
+
+def test_multiplexed_reads_fall_back_on_an_old_psycopg(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On psycopg 3.2 (pipeline mode slower than a connection per read, measured),
+    ``multiplex=True`` warns once and reads take a connection each; on 3.3 it is on."""
+    from aiopg_resilient import _multiplex_switch
+
+    for pays in (False, True):
+        monkeypatch.setattr(_multiplex_switch, "PIPELINES_PAY", pays)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="aiopg_resilient.pool"):
+            pool = ResilientPool("dbname=x", name="old", multiplex=True)
+        assert (pool._multiplexer is not None) is pays
+        warned = [r.getMessage() for r in caplog.records if "psycopg >= 3.3" in r.getMessage()]
+        assert len(warned) == (0 if pays else 1), warned

@@ -17,9 +17,14 @@ import pytest
 from psycopg.rows import namedtuple_row
 
 import aiopg_resilient
+from aiopg_resilient._multiplex_switch import PIPELINES_PAY
 from aiopg_resilient.testing import PostgresServer
 
 from .conftest import backends, pool_for, until
+
+pytestmark = pytest.mark.skipif(
+    not PIPELINES_PAY, reason="multiplexed reads need psycopg >= 3.3 (README)"
+)
 
 
 async def _teach_short(pool: Any) -> None:
@@ -170,7 +175,8 @@ async def test_one_callers_row_factory_error_reaches_its_neighbours(
 
         with anyio.fail_after(15):
             results = await asyncio.gather(*(read(i) for i in range(30)), return_exceptions=True)
-        assert isinstance(results[5], psycopg.DataError), results[5]
+        # psycopg 3.3 raises DataError, 3.2 the namedtuple's own ValueError
+        assert isinstance(results[5], (psycopg.DataError, ValueError)), results[5]
         wrong = {i: r for i, r in enumerate(results) if i != 5 and r != (i,)}
         assert wrong == {}, list(wrong.items())[:3]
 
@@ -435,7 +441,7 @@ async def test_guard_wait_for_storm_counts(pg: PostgresServer, app_name: str) ->
         unsub = pool.subscribe(lambda e: events.append(e.kind), per_operation=True)
 
         async def one(i: int) -> None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
                 await asyncio.wait_for(
                     pool.fetchval("SELECT %s::int FROM pg_sleep(%s)", (i, (i % 5) * 0.004)),
                     timeout=(i % 7) * 0.003,

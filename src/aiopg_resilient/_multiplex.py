@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -43,7 +42,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ._attempts import Attempts
-from ._blocks import held_here
 from ._driver import DriverConnection
 from ._errors import Failure, PoolClosed, PoolTimeout, classify
 from ._events import EventStream
@@ -54,7 +52,7 @@ from ._slots import gave_up
 from ._source import Slot
 from ._statement import Statement
 
-__all__ = ["ENV", "Multiplexer", "attach"]
+__all__ = ["Multiplexer"]
 
 logger = logging.getLogger("aiopg_resilient.pool")
 
@@ -68,7 +66,6 @@ _PER_DRIVER = 32
 _STUCK = 0.05
 """Seconds after which a driver's batch counts as held up by a long read (`_start_driver`)."""
 """Short reads: one driver per this many queued reads (one round trip carries them)."""
-ENV = "AIOPG_RESILIENT_MULTIPLEX"
 
 Watch = Callable[[DriverConnection, Any, Callable[[], int]], Coroutine[Any, Any, Any]]
 
@@ -371,22 +368,3 @@ class Multiplexer:
     def _fail_all(self, exc: BaseException) -> None:
         while self._queue:
             settle(self._queue.popleft(), exc=copy_error(exc))
-
-
-def attach(pool: Any, multiplex: bool | None) -> Multiplexer | None:
-    """The multiplexer of *pool*'s reads, or None: *multiplex*, or when it is None the
-    ``AIOPG_RESILIENT_MULTIPLEX`` environment variable (``1``, ``true``, ``yes``, ``on``)."""
-    if multiplex is None:
-        multiplex = os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    if not multiplex:
-        return None
-    ops = pool._ops
-    return Multiplexer(
-        pool,
-        retry=pool.retry,
-        rng=pool._rng,
-        events=pool._events,
-        watch=ops._watched,
-        direct=lambda stmt: ops._replay(stmt.run, stmt.size),
-        holding=lambda: held_here(pool) > 0,
-    )

@@ -26,7 +26,7 @@ from ._filling import first_connection, wake
 from ._heartbeat import maintain, ping_idle
 from ._listen import Listeners, Reconnected
 from ._look import Looker
-from ._multiplex import attach
+from ._multiplex_switch import attach
 from ._ops import InDoubt
 from ._retry import RetryPolicy
 from ._server_state import ServerState
