@@ -17,6 +17,10 @@ _CHUNK = 65536
 """Largest read from one side; with drain() after each write, this bounds the buffers."""
 
 
+_CLOSE_PATIENCE = 2.0
+"""Seconds a closing socket may take to flush what its peer has not read yet."""
+
+
 class _Endpoint:
     """One side of a session: a TCP stream, optionally carrying TLS the proxy terminates."""
 
@@ -124,11 +128,20 @@ class _Endpoint:
         self.writer.transport.abort()
 
     async def close(self) -> None:
-        """Close the socket (FIN unless already aborted) and wait until it is closed."""
+        """Close the socket (FIN unless already aborted) and wait until it is closed.
+
+        A transport closes only once its buffer is flushed: a peer that stopped reading
+        (a client that dropped its end, a frozen path) would hold the close, and with it
+        every later cut of this session and the caller waiting for that cut, forever.
+        After `_CLOSE_PATIENCE` what it never took is dropped (an RST)."""
         self.writer.close()
         # Shielded: cancelling a task that awaits the transport's close future directly
         # would cancel that shared future for every other waiter.
-        await asyncio.shield(_wait_closed(self.writer))
+        try:
+            await asyncio.wait_for(asyncio.shield(_wait_closed(self.writer)), _CLOSE_PATIENCE)
+        except asyncio.TimeoutError:
+            self.writer.transport.abort()
+            await asyncio.shield(_wait_closed(self.writer))
         self._registry.discard(self)
 
     async def _discard(self) -> None:
