@@ -31,7 +31,7 @@ from ._indoubt import Resolver
 from ._look import Looker
 from ._retry import RetryPolicy
 from ._source import ConnectionSource, Slot
-from ._statement import Query, Statement, all_rows, one_row, rowcount, value
+from ._statement import Query, Statement, all_rows, one_row, rowcount, several, value
 from ._watch import SilentPeer, watched
 
 __all__ = ["Operations", "Query"]
@@ -194,7 +194,7 @@ class Operations:
                     conn, lambda c: cur.execute(batch, prepare=False), lambda: len(batch)
                 )
             except Exception as exc:
-                if _several(stmt.query, conn) and (
+                if several(stmt.query, conn) and (
                     isinstance(exc, SilentPeer) or (conn.closed and not conn.interrupted)
                 ):
                     # Several statements: one of them may have been a COMMIT that ran.
@@ -353,18 +353,6 @@ class Operations:
         if not lost and not keep:
             await self._source._release(slot)
         return committed
-
-
-def _several(query: Query, conn: DriverConnection) -> bool:
-    """Whether the query text (before its parameters are bound: a ';' in a value is
-    data) may hold several statements."""
-    if isinstance(query, bytes):
-        text = query.decode(errors="replace")
-    elif isinstance(query, str):
-        text = query
-    else:
-        text = query.as_string(conn)
-    return ";" in text.strip().rstrip(";")
 
 
 class _MayHaveRun(Exception):

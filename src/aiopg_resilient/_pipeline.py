@@ -31,6 +31,7 @@ from ._attempts import Attempts
 from ._driver import DriverConnection, tuple_cursor
 from ._errors import Failure, classify
 from ._statement import Statement
+from ._statement import several as may_hold_several
 
 __all__ = ["READ_ONLY", "Again", "Batch", "Request", "copy_error", "settle", "several"]
 
@@ -203,14 +204,7 @@ def _error_of(cur: AsyncCursor[Any]) -> psycopg.Error | None:
 def several(stmt: Statement[Any]) -> bool:
     """A text without parameters that may hold several statements: psycopg sends it as a
     simple query alone, which a pipeline cannot (extended protocol only)."""
-    if stmt.params is not None:
-        return False
-    query = stmt.query
-    if isinstance(query, bytes):
-        query = query.decode(errors="replace")
-    if not isinstance(query, str):
-        return True  # composed SQL: sent direct, rather than rendered here to look
-    return ";" in query.strip().rstrip(";")
+    return stmt.params is None and may_hold_several(stmt.query, None)
 
 
 def copy_error(exc: BaseException) -> BaseException:

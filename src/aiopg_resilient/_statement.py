@@ -12,7 +12,7 @@ from psycopg.rows import tuple_row
 
 from ._driver import DriverConnection
 
-__all__ = ["Query", "Statement", "all_rows", "one_row", "rowcount", "value"]
+__all__ = ["Query", "Statement", "all_rows", "one_row", "rowcount", "several", "value"]
 
 T = TypeVar("T")
 Query = str | bytes | sql.SQL | sql.Composed
@@ -60,3 +60,17 @@ class Statement(Generic[T]):
         cur = self.cursor(conn)
         await cur.execute(self.query, self.params)
         return await self.collect(cur)
+
+
+def several(query: Query, conn: DriverConnection | None) -> bool:
+    """Whether the query text (before its parameters are bound: a ';' in a value is
+    data) may hold several statements; composed SQL without *conn* to render it: yes."""
+    if isinstance(query, bytes):
+        text = query.decode(errors="replace")
+    elif isinstance(query, str):
+        text = query
+    elif conn is None:
+        return True
+    else:
+        text = query.as_string(conn)
+    return ";" in text.strip().rstrip(";")
